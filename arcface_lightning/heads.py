@@ -1,0 +1,178 @@
+"""Angular-margin classification heads: ArcFace and its family in one file.
+
+Every margin head computes, for L2-normalised embeddings x̂ and class weights Ŵ_j (one row per class),
+
+    cos θ_j = x̂ · Ŵ_j
+    training logits:  s · cos θ_j   for j ≠ y,      s · ψ(θ_y)   for the label y
+    inference logits: s · cos θ_j   for every j (no label, no margin)
+
+with the combined margin of insightface, ψ(θ) = cos(m1·θ + m2) − m3:
+
+    | head              | m1 | m2 | m3 |
+    | ArcFaceHead       | 1  | m  | 0  |
+    | CosFaceHead       | 1  | 0  | m  |
+    | SphereFaceHead    | m  | 0  | 0  |
+    | CombinedMarginHead| m1 | m2 | m3 |
+
+Choices, and why:
+- ψ must decrease over θ ∈ [0, π], or a badly placed sample is rewarded. cos(m1·θ + m2) stops
+  decreasing once m1·θ + m2 > π, i.e. past θ* = (π − m2)/m1. Beyond θ* we use cos θ − c − m3 with
+  c = max(m2·sin m2, 1 + cos θ*). For ArcFace (m1 = 1) and m ≤ 2.3 that is insightface's and
+  pytorch-metric-learning's cos θ − m·sin m; the max() keeps ψ monotone where that formula does not
+  (m > 2.3, and the SphereFace-style m1 > 1, for which it is the continuous extension).
+- The margin touches the target column only (gather → ψ → scatter), in fp32 whatever the autocast
+  dtype: acos has an infinite slope at ±1, so taking it over the whole matrix and masking would give
+  0·∞ = NaN gradients, and under fp16/bf16 the clamp 1 − 1e-7 rounds to 1.
+- The gradient is the true one (no straight-through `no_grad` trick); the clamp keeps it finite.
+- Normalisation has a floor (NORM_EPS) so a zero embedding maps to cos = 0 with bounded gradients.
+- m = 0 takes no angle round trip at all, so ArcFaceHead(m=0) equals s·cos exactly.
+
+No framework imports beyond torch: these are plain nn.Modules usable in any training loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_EPS = 1e-6  # floor on ‖x‖: x / max(‖x‖, eps) has gradient 1/eps at 0, so keep eps modest
+COS_EPS = 1e-7  # acos is evaluated on cos clamped to [−1 + eps, 1 − eps] (in fp32)
+
+
+def _check(name: str, value: float, ok: bool, allowed: str, owner: str) -> None:
+    if not ok:
+        raise ValueError(f"{owner}: {name}={value!r} is out of range; allowed: {allowed}")
+
+
+def _check_sizes(owner: str, embedding_size: int, num_classes: int) -> None:
+    _check("embedding_size", embedding_size, int(embedding_size) == embedding_size >= 2, "an integer ≥ 2", owner)
+    _check("num_classes", num_classes, int(num_classes) == num_classes >= 2, "an integer ≥ 2", owner)
+
+
+def cosine_similarity(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """cos θ between each embedding row and each weight row, in fp32 even inside an autocast region."""
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        x = F.normalize(embeddings.float(), dim=1, eps=NORM_EPS)
+        return x @ F.normalize(weight.float(), dim=1, eps=NORM_EPS).t()
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Raise a ValueError naming the first label outside [0, num_classes) (CUDA would only device-assert)."""
+    if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)} and {labels.dtype}")
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        raise ValueError(f"label {labels[bad][0].item()} is out of range; allowed: 0 ≤ label < {num_classes}")
+
+
+class CombinedMarginHead(nn.Module):
+    """The shared margin: training target logit s·ψ(θ_y) with ψ(θ) = cos(m1·θ + m2) − m3 (see module doc)."""
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.3,
+        m3: float = 0.2,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        _check_sizes(owner, embedding_size, num_classes)
+        _check("s", s, math.isfinite(s) and s > 0, "a finite number > 0", owner)
+        _check("m1", m1, 1.0 <= m1 <= 10.0, "1 ≤ m1 ≤ 10", owner)
+        _check("m2", m2, 0.0 <= m2 < math.pi, "0 ≤ m2 < π", owner)
+        _check("m3", m3, 0.0 <= m3 <= 1.0, "0 ≤ m3 ≤ 1", owner)
+        self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
+        self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
+        self.theta_max = (math.pi - self.m2) / self.m1  # θ*: past it cos(m1·θ + m2) turns back up
+        self.fallback_shift = max(self.m2 * math.sin(self.m2), 1.0 + math.cos(self.theta_max))
+        self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
+        nn.init.xavier_uniform_(self.weight)
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Plain cosines cos θ (batch, num_classes), fp32, no margin and no scale."""
+        return cosine_similarity(embeddings, self.weight)
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Inference logits s·cos θ: no labels, no margin. Their argmax is the prediction."""
+        return self.s * self.cosine(embeddings)
+
+    def psi(self, cos_target: torch.Tensor) -> torch.Tensor:
+        """The margin ψ applied to the target cosines (any shape, fp32)."""
+        if self.m1 == 1.0 and self.m2 == 0.0:  # no angular part: exact, and no acos to differentiate
+            return cos_target - self.m3
+        theta = torch.acos(cos_target.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS))
+        inside = torch.cos(self.m1 * theta + self.m2)
+        outside = cos_target - self.fallback_shift
+        return torch.where(theta <= self.theta_max, inside, outside) - self.m3
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training logits (batch, num_classes): s·cos θ_j, with s·ψ(θ_y) in each row's label column."""
+        check_labels(labels, self.num_classes)
+        cos = self.cosine(embeddings)
+        index = labels.long().unsqueeze(1)
+        return self.s * cos.scatter(1, index, self.psi(cos.gather(1, index)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+            f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}"
+        )
+
+
+class ArcFaceHead(CombinedMarginHead):
+    """ArcFace (Deng et al., 2019): additive angular margin, ψ(θ) = cos(θ + m), m in radians."""
+
+    def __init__(self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 0.5) -> None:
+        _check("m", m, 0.0 <= m < math.pi, "0 ≤ m < π", type(self).__name__)
+        super().__init__(embedding_size, num_classes, s=s, m1=1.0, m2=m, m3=0.0)
+        self.m = float(m)
+
+
+class CosFaceHead(CombinedMarginHead):
+    """CosFace (Wang et al., 2018): additive cosine margin, ψ(θ) = cos θ − m."""
+
+    def __init__(self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 0.35) -> None:
+        _check("m", m, 0.0 <= m <= 1.0, "0 ≤ m ≤ 1", type(self).__name__)
+        super().__init__(embedding_size, num_classes, s=s, m1=1.0, m2=0.0, m3=m)
+        self.m = float(m)
+
+
+class SphereFaceHead(CombinedMarginHead):
+    """SphereFace-style (Liu et al., 2017) multiplicative angular margin ψ(θ) = cos(m·θ), on normalised weights
+    and a fixed scale s (the original's unnormalised features and annealing are left out)."""
+
+    def __init__(self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 1.5) -> None:
+        _check("m", m, 1.0 <= m <= 10.0, "1 ≤ m ≤ 10", type(self).__name__)
+        super().__init__(embedding_size, num_classes, s=s, m1=m, m2=0.0, m3=0.0)
+        self.m = float(m)
+
+
+class SoftmaxHead(nn.Module):
+    """Plain softmax baseline: a linear layer, with the same forward/logits/cosine interface as the margin heads."""
+
+    def __init__(self, embedding_size: int, num_classes: int, bias: bool = True) -> None:
+        super().__init__()
+        _check_sizes(type(self).__name__, embedding_size, num_classes)
+        self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
+        self.linear = nn.Linear(self.embedding_size, self.num_classes, bias=bias)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.linear.weight
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosines between embeddings and class weights (for embedding analysis; predictions use `logits`)."""
+        return cosine_similarity(embeddings, self.weight)
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.linear(embeddings).float()
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        check_labels(labels, self.num_classes)
+        return self.logits(embeddings)

@@ -1,0 +1,105 @@
+"""The LightningModule: backbone → embeddings → margin head → loss, metrics and logs.
+
+Accuracy is always the argmax of the margin-free logits s·cos θ (no labels): that is what the model predicts.
+`*/acc_margin` is the seed script's flawed metric (argmax of the logits with the margin applied to the true class),
+logged beside it only so the two can be compared; never select or report models on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class ArcFaceModule(L.LightningModule):
+    """Embedding model trained through an angular-margin head.
+
+    Built from config mappings (`_target_` dicts, as in `conf/`) rather than live objects, so a checkpoint holds only
+    plain data: `ArcFaceModule.load_from_checkpoint(path)` rebuilds the model with no other argument, and loads
+    with torch's safe `weights_only=True`.
+
+    Args:
+        backbone: config of an nn.Module mapping images to embeddings.
+        head: config of a head with `forward(embeddings, labels)`, `logits(embeddings)` and `num_classes`.
+        optimizer: config of a partial optimizer (`_partial_: true`), called with all parameters (backbone and head).
+        scheduler: None, or Lightning's lr-scheduler dict whose `scheduler` is a partial config; a `total_steps: null`
+            in it is filled with the trainer's estimated number of optimizer steps (for OneCycleLR).
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        head: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = instantiate(backbone)
+        self.head = instantiate(head)
+        num_classes = self.head.num_classes
+        # one metric object per stage (and per definition): torchmetrics keeps their states apart
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_margin = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc_margin = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_best = MaxMetric()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings (batch, embedding_size)."""
+        return self.backbone(images)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        images, labels = batch
+        embeddings = self.backbone(images)
+        margin_logits = self.head(embeddings, labels)  # the training objective: margin on the true class
+        loss = F.cross_entropy(margin_logits, labels)
+        return loss, self.head.logits(embeddings).argmax(1), margin_logits.argmax(1), labels
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, preds, _, labels = self._step(batch)
+        self.train_acc(preds, labels)
+        self.log("train/loss", loss, on_step=False, on_epoch=True)  # epoch mean
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def on_train_start(self) -> None:
+        self.val_acc_best.reset()  # forget the sanity-check batches
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc, self.val_acc_margin)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc, self.test_acc_margin)
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, acc, acc_margin) -> None:
+        loss, preds, margin_preds, labels = self._step(batch)
+        acc(preds, labels)
+        acc_margin(margin_preds, labels)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        self.log(f"{stage}/acc", acc, prog_bar=True)
+        self.log(f"{stage}/acc_margin", acc_margin)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        if self.hparams.scheduler is None:
+            return optimizer
+        lr_scheduler = dict(self.hparams.scheduler)
+        factory = dict(lr_scheduler["scheduler"])
+        if "total_steps" in factory and factory["total_steps"] is None:
+            factory["total_steps"] = self.trainer.estimated_stepping_batches
+        lr_scheduler["scheduler"] = instantiate(factory)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}

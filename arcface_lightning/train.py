@@ -1,0 +1,175 @@
+"""Train: compose the config, fit, test the best checkpoint (by val/acc) once, write metrics.json.
+
+    python -m arcface_lightning.train                                  # default: ArcFace + SimpleCNN on MNIST
+    python -m arcface_lightning.train experiment=seed_mnist            # the seed script's recipe, measured right
+    python -m arcface_lightning.train head.s=16 head.m=0.3 embedding_size=64 trainer.max_epochs=5
+    python -m arcface_lightning.train head=cosface data=fashion_mnist data.batch_size=128 seed=1
+    python -m arcface_lightning.train ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume
+    python -m arcface_lightning.train --cfg job                        # print the composed config, run nothing
+
+Outputs go to the Hydra run dir (logs/<task_name>/runs/<time>/): .hydra/ (config, overrides), tensorboard/,
+checkpoints/ (last.ckpt and the best by val/acc), metrics.json.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from arcface_lightning.data import DataError
+from arcface_lightning.module import ArcFaceModule
+
+log = logging.getLogger(__name__)
+
+
+def register_trainer_flags() -> None:
+    """Store every Lightning Trainer flag with its default as config `trainer/lightning`, which trainer/default.yaml
+    extends: `trainer.<any flag>=...` then works without `+`, and stays in step with the installed Lightning."""
+    flags = {
+        name: p.default
+        for name, p in inspect.signature(L.Trainer.__init__).parameters.items()
+        if name != "self" and (p.default is None or isinstance(p.default, (bool, int, float, str)))
+    }
+    ConfigStore.instance().store(
+        group="trainer", name="lightning", node={"_target_": "lightning.pytorch.Trainer", **flags}
+    )
+
+
+register_trainer_flags()
+
+
+class ConfigError(ValueError):
+    """A bad value on the command line or in a config file, found before any training starts."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message a user needs: the root cause of Hydra's wrapped instantiation errors, first line only."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Write metrics.json atomically (a reader never sees half a file)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def check_ckpt_path(ckpt_path: str | None) -> str | None:
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist; give the path of a .ckpt file")
+    return ckpt_path
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trainer]:
+    """Instantiate data module, model and trainer from the config (configuration errors surface here)."""
+    datamodule = instantiate(cfg.data)
+
+    def plain(node: Any) -> Any:  # checkpoints keep plain containers only (weights_only-safe)
+        return None if node is None else OmegaConf.to_container(node, resolve=True)
+
+    model = ArcFaceModule(
+        backbone=plain(cfg.backbone),
+        head=plain(cfg.head),
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return datamodule, model, trainer
+
+
+def hparams_for_tensorboard(cfg: DictConfig) -> dict[str, Any]:
+    """A flat selection for TensorBoard's HPARAMS tab: each group's class and scalar settings, seed, embedding size."""
+    params: dict[str, Any] = {"seed": cfg.seed, "embedding_size": cfg.embedding_size}
+    for group in ("data", "backbone", "head", "optimizer"):
+        node = OmegaConf.to_container(cfg[group], resolve=True)
+        params[group] = node.get("dataset") or node["_target_"].rsplit(".", 1)[-1]
+        for key, value in node.items():
+            if not key.startswith("_") and isinstance(value, (int, float, str, bool)):
+                params[f"{group}/{key}"] = value
+    return params
+
+
+def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if not k.endswith("_step")}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, then test the checkpoint with the best val/acc; return the final metrics (also in metrics.json)."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
+    try:
+        datamodule, model, trainer = build(cfg)
+    except (ValueError, TypeError, InstantiationException) as error:
+        raise ConfigError(one_line(error)) from error
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = final_metrics(trainer.callback_metrics)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    # Test once, on the model selected by validation; with no checkpoint (fast_dev_run) the final weights.
+    for results in trainer.test(model, datamodule=datamodule, ckpt_path=best or None):
+        metrics.update(final_metrics(results))
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            shown = {k: v for k, v in metrics.items() if k in ("val/acc_best", "test/acc", "test/acc_margin")}
+            logger.log_hyperparams(hparams_for_tensorboard(cfg), metrics=shown, step=trainer.global_step)
+    return {**metrics, "epochs": trainer.current_epoch, "best_checkpoint": best}
+
+
+def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> dict[str, Any]:
+    """Run a task and record its outcome in metrics.json; a user error exits with one line, before any training."""
+    output_dir = Path(cfg.paths.output_dir)
+    start = time.perf_counter()
+    record: dict[str, Any] = {"seed": cfg.get("seed")}
+    try:
+        record.update(task(cfg))
+    except (ConfigError, DataError) as error:  # the user's to fix: one line; anything else keeps its traceback
+        message = one_line(error)
+        write_metrics(output_dir, {**record, "status": "failed", "error": message})
+        raise SystemExit(f"error: {message}") from None
+    loss = record.get("train/loss_epoch")
+    if loss is not None and not math.isfinite(loss):
+        record.update(status="diverged", error=f"train/loss is {loss}")
+    record.setdefault("status", "ok")
+    record["wall_time_s"] = round(time.perf_counter() - start, 3)
+    path = write_metrics(output_dir, record)
+    log.info("run dir: %s", output_dir.resolve())
+    log.info("metrics: %s", path)
+    log.info("curves:  tensorboard --logdir %s", output_dir.resolve())
+    return record
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
+    metrics = run(train, cfg)
+    name = cfg.get("optimized_metric")
+    return metrics.get(name) if name else None  # for Hydra sweepers (Optuna)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Fixtures: small synthetic data sets in torchvision's on-disk formats, and configs composed with Hydra's API."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+from torchvision import datasets
+
+import arcface_lightning.train  # noqa: F401  (registers trainer/lightning in Hydra's ConfigStore)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+REAL_DATA = os.environ.get("ARCFACE_DATA_DIR")
+
+
+def class_images(labels: np.ndarray, side: int, channels: int, seed: int) -> np.ndarray:
+    """Noise plus a bright square whose position encodes the class: learnable in a few steps by a tiny CNN."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, size=(len(labels), side, side, channels), dtype=np.uint8)
+    cells = side // 7
+    for i, label in enumerate(labels):
+        row, col = divmod(int(label) % (cells * cells), cells)
+        images[i, row * 7 : row * 7 + 6, col * 7 : col * 7 + 6, :] = 255
+    return images
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX (MNIST) format: magic 0x0000080<ndim>, big-endian dims, then uint8 data."""
+    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(root: Path, name: str = "MNIST", n_train: int = 600, n_test: int = 200, num_classes: int = 10) -> Path:
+    raw = root / name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
+        labels = np.arange(n) % num_classes
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", class_images(labels, 28, 1, seed)[..., 0])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+def write_cifar10(root: Path, n_train: int = 500, n_test: int = 100) -> Path:
+    """cifar-10-batches-py/: five training batches, one test batch, batches.meta (pickled dicts)."""
+    folder = root / datasets.CIFAR10.base_folder
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def batch(labels: np.ndarray, seed: int) -> dict:
+        images = class_images(labels, 32, 3, seed)  # HWC → CHW rows, as CIFAR stores them
+        return {"data": images.transpose(0, 3, 1, 2).reshape(len(labels), -1), "labels": labels.tolist()}
+
+    per_batch = n_train // 5
+    for k in range(5):
+        labels = (np.arange(per_batch) + k) % 10
+        (folder / f"data_batch_{k + 1}").write_bytes(pickle.dumps(batch(labels, 10 + k)))
+    (folder / "test_batch").write_bytes(pickle.dumps(batch(np.arange(n_test) % 10, 20)))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    return root
+
+
+def cifar10_checksums(root: Path) -> dict[str, list | dict]:
+    """torchvision checks CIFAR files against the real set's md5s; these are the synthetic files' own."""
+    folder = root / datasets.CIFAR10.base_folder
+
+    def md5(name: str) -> str:
+        return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+    return {
+        "train_list": [[name, md5(name)] for name, _ in datasets.CIFAR10.train_list],
+        "test_list": [[name, md5(name)] for name, _ in datasets.CIFAR10.test_list],
+        "meta": {**datasets.CIFAR10.meta, "md5": md5(datasets.CIFAR10.meta["filename"])},
+    }
+
+
+@pytest.fixture
+def mnist_root(tmp_path: Path) -> Path:
+    return write_mnist(tmp_path / "data")
+
+
+@pytest.fixture
+def cifar10_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = write_cifar10(tmp_path / "data")
+    for attribute, value in cifar10_checksums(root).items():
+        monkeypatch.setattr(datasets.CIFAR10, attribute, value)
+    return root
+
+
+TINY = [
+    "trainer=cpu",
+    "data.download=false",
+    "data.val_size=100",
+    "data.batch_size=32",
+    "data.eval_batch_size=100",
+    "embedding_size=16",
+    "backbone.channels=[4,8]",
+    "trainer.max_epochs=1",
+    "callbacks.progress_bar.refresh_rate=0",
+    "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def compose_config(*overrides: str, config_name: str = "train") -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, mnist_root: Path) -> Callable[..., DictConfig]:
+    """A tiny, fast training config on synthetic MNIST, writing into tmp_path/run."""
+
+    def make(*overrides: str) -> DictConfig:
+        cfg = compose_config(f"paths.data_dir={mnist_root}", *TINY, *overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+        return cfg
+
+    return make

@@ -1,0 +1,96 @@
+"""Every config option composes and instantiates; the documented command-line keys do what they say."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import CONF, compose_config
+
+OPTIONS = {
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("data", "backbone", "head", "trainer")
+}
+
+
+def test_option_lists_are_what_the_readme_promises() -> None:
+    assert OPTIONS["data"] == ["cifar10", "fashion_mnist", "kmnist", "mnist"]
+    assert OPTIONS["head"] == ["arcface", "combined", "cosface", "softmax", "sphereface"]
+    assert {"cpu", "gpu", "default"} <= set(OPTIONS["trainer"])
+
+
+@pytest.mark.parametrize(
+    "data, backbone, head", itertools.product(OPTIONS["data"], OPTIONS["backbone"], OPTIONS["head"])
+)
+def test_data_backbone_head_compose_and_fit_together(data: str, backbone: str, head: str) -> None:
+    cfg = compose_config(f"data={data}", f"backbone={backbone}", f"head={head}", "paths.output_dir=/unused")
+    datamodule = instantiate(cfg.data)
+    net, classifier = instantiate(cfg.backbone), instantiate(cfg.head)
+    images = torch.randn(2, cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size)
+    labels = torch.tensor([0, cfg.data.num_classes - 1])
+    embeddings = net(images)
+    assert embeddings.shape == (2, cfg.embedding_size)
+    assert classifier(embeddings, labels).shape == classifier.logits(embeddings).shape == (2, cfg.data.num_classes)
+    assert datamodule.hparams.dataset == cfg.data.dataset
+
+
+@pytest.mark.parametrize("trainer", OPTIONS["trainer"])
+def test_trainer_presets_instantiate(trainer: str, tmp_path: Path) -> None:
+    cfg = compose_config(f"trainer={trainer}", f"paths.output_dir={tmp_path}")
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        pytest.skip("no GPU here: the preset composes, instantiating it needs a GPU")
+    assert isinstance(instantiate(cfg.trainer), L.Trainer)
+
+
+def test_command_line_keys() -> None:
+    cfg = compose_config(
+        "head.s=16",
+        "head.m=0.3",
+        "embedding_size=64",
+        "data.batch_size=128",
+        "seed=7",
+        "paths.data_dir=/somewhere",
+        "ckpt_path=/x.ckpt",
+        "trainer.max_epochs=3",
+        "trainer.gradient_clip_val=1.0",
+        "trainer.limit_train_batches=5",
+        "trainer.accumulate_grad_batches=2",
+        "paths.output_dir=/unused",
+    )
+    assert (cfg.head.s, cfg.head.m, cfg.seed, cfg.ckpt_path) == (16, 0.3, 7, "/x.ckpt")
+    assert cfg.backbone.embedding_size == cfg.head.embedding_size == 64  # one key feeds both
+    assert (cfg.data.batch_size, cfg.data.data_dir) == (128, "/somewhere")
+    trainer = instantiate(cfg.trainer)  # any Lightning flag, without '+'
+    assert (trainer.max_epochs, trainer.gradient_clip_val, trainer.limit_train_batches) == (3, 1.0, 5)
+    assert trainer.accumulate_grad_batches == 2
+
+
+def test_data_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARCFACE_DATA_DIR", "/from/env")
+    assert compose_config().paths.data_dir == "/from/env"
+    monkeypatch.delenv("ARCFACE_DATA_DIR")
+    assert compose_config().paths.data_dir == "data"
+
+
+def test_seed_mnist_is_the_seed_recipe() -> None:
+    cfg = compose_config("experiment=seed_mnist", "paths.output_dir=/unused")
+    assert cfg.backbone._target_.endswith("SimpleCNN") and list(cfg.backbone.channels) == [32, 64]
+    assert cfg.head._target_.endswith("ArcFaceHead") and (cfg.head.s, cfg.head.m) == (30.0, 0.5)
+    assert cfg.embedding_size == 128 and cfg.scheduler is None
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 1e-3
+    assert (cfg.data.dataset, cfg.data.batch_size, cfg.data.normalize) == ("MNIST", 64, False)
+    assert cfg.trainer.max_epochs == 10
+    net = instantiate(cfg.backbone)
+    assert net.embedding.in_features == 64 * 7 * 7 and sum(p.numel() for p in net.parameters()) == (9 * 32 + 32) + (
+        9 * 32 * 64 + 64
+    ) + (3136 * 128 + 128)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
+def test_schedulers_compose(scheduler: str) -> None:
+    cfg = compose_config(f"scheduler={scheduler}", "paths.output_dir=/unused")
+    assert cfg.scheduler.scheduler._partial_ and cfg.scheduler.interval in ("epoch", "step")

@@ -1,0 +1,71 @@
+"""The LightningModule: all parameters train, metrics are margin-free, checkpoints rebuild the model alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+
+from arcface_lightning.module import ArcFaceModule
+from arcface_lightning.train import build
+
+
+def test_a_training_step_moves_head_and_backbone(make_cfg) -> None:
+    cfg = make_cfg("trainer.fast_dev_run=1", "logger=csv")
+    datamodule, model, trainer = build(cfg)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.fit(model, datamodule=datamodule)
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert "head.weight" in moved  # the class weights are optimised (a classic omission)
+    assert moved == set(before)
+
+
+def test_val_accuracy_is_argmax_of_cosine_and_acc_margin_is_the_seeds(make_cfg) -> None:
+    cfg = make_cfg("head.m=1.0", "logger=csv")
+    datamodule, model, trainer = build(cfg)
+    trainer.fit(model, datamodule=datamodule)
+    (logged,) = trainer.validate(model, datamodule=datamodule)
+    correct = correct_margin = total = 0
+    with torch.no_grad():
+        for images, labels in datamodule.val_dataloader():
+            embeddings = model(images)
+            correct += (model.head.cosine(embeddings).argmax(1) == labels).sum().item()
+            correct_margin += (model.head(embeddings, labels).argmax(1) == labels).sum().item()
+            total += len(labels)
+    assert logged["val/acc"] == correct / total
+    assert abs(logged["val/acc_margin"] - correct_margin / total) < 1e-6
+    assert logged["val/acc_margin"] < logged["val/acc"]  # the margin makes right answers look wrong
+
+
+def test_checkpoint_rebuilds_the_model_without_arguments(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("trainer.max_epochs=1", "trainer.limit_train_batches=2", "logger=csv")
+    datamodule, model, trainer = build(cfg)
+    trainer.fit(model, datamodule=datamodule)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = ArcFaceModule.load_from_checkpoint(path, weights_only=True)  # plain data only: safe loading works
+    assert loaded.head.s == cfg.head.s and loaded.head.m == cfg.head.m
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_onecycle_gets_total_steps_from_the_trainer(make_cfg) -> None:
+    cfg = make_cfg("scheduler=onecycle", "trainer.max_epochs=2", "trainer.limit_train_batches=3", "logger=csv")
+    datamodule, model, trainer = build(cfg)
+    trainer.fit(model, datamodule=datamodule)
+    scheduler = trainer.lr_scheduler_configs[0]
+    assert scheduler.interval == "step" and scheduler.scheduler.total_steps == 6
+
+
+def test_module_works_in_a_plain_trainer(make_cfg) -> None:
+    cfg = make_cfg()
+    model = ArcFaceModule(
+        backbone={"_target_": "arcface_lightning.backbones.SimpleCNN", "embedding_size": 8, "channels": [4, 8]},
+        head={"_target_": "arcface_lightning.heads.CosFaceHead", "embedding_size": 8, "num_classes": 10},
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
+    )
+    trainer = L.Trainer(fast_dev_run=2, accelerator="cpu", enable_progress_bar=False, logger=False)
+    trainer.fit(model, datamodule=instantiate(cfg.data))
+    assert trainer.state.finished and torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -1,0 +1,151 @@
+"""The entry points end to end: in-process on synthetic data, and as real subprocesses for the CLI contract."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from arcface_lightning.train import run, train
+from conftest import TINY, cifar10_checksums, write_cifar10
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(module: str, *overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    env.pop("ARCFACE_DATA_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", f"arcface_lightning.{module}", *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_fast_dev_run(make_cfg) -> None:
+    metrics = train(make_cfg("trainer.fast_dev_run=2"))
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_short_run_writes_metrics_checkpoints_and_tensorboard(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("trainer.max_epochs=2")
+    record = run(train, cfg)
+    run_dir = tmp_path / "run"
+    written = json.loads((run_dir / "metrics.json").read_text())
+    assert written == record
+    assert written["status"] == "ok" and written["seed"] == 0 and written["epochs"] == 2
+    assert written["test/acc"] > 0.5  # the synthetic classes are easy: it must have learned (chance is 0.1)
+    for key in (
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/acc_best",
+        "val/acc_margin",
+        "test/loss",
+        "test/acc",
+        "test/acc_margin",
+        "wall_time_s",
+    ):
+        assert isinstance(written[key], float), key
+    checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert "last.ckpt" in checkpoints and len(checkpoints) == 2
+    assert Path(written["best_checkpoint"]).name in checkpoints
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"val/acc", "val/acc_best", "train/loss", "train/loss_step", "test/acc", "test/acc_margin"} <= tags
+    assert len(events.Scalars("val/acc")) == 2  # one point per epoch
+
+
+def test_resume_from_last_checkpoint_continues_at_the_next_epoch(make_cfg, tmp_path: Path) -> None:
+    first = make_cfg("trainer.max_epochs=1", "logger=csv", "trainer.limit_train_batches=4")
+    run(train, first)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    second = make_cfg("trainer.max_epochs=2", "logger=csv", "trainer.limit_train_batches=4", f"ckpt_path={last}")
+    second.paths.output_dir = str(tmp_path / "resumed")
+    record = run(train, second)
+    assert record["epochs"] == 2
+    state = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["epoch"] == 1 and state["global_step"] == 8  # 4 steps restored + 4 new ones
+    with open(tmp_path / "resumed" / "csv" / "metrics.csv") as f:
+        trained_epochs = {row["epoch"] for row in csv.DictReader(f) if row["train/loss"]}
+    assert trained_epochs == {"1"}  # the resumed run trained epoch 1 only
+
+
+def test_cifar10_trains(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision import datasets
+
+    root = write_cifar10(tmp_path / "cifar")
+    for attribute, value in cifar10_checksums(root).items():
+        monkeypatch.setattr(datasets.CIFAR10, attribute, value)
+    metrics = train(make_cfg("data=cifar10", f"paths.data_dir={root}", "trainer.fast_dev_run=2", "data.val_size=100"))
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
+def test_cli_train_then_evaluate(mnist_root: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "cli_run"
+    result = cli("train", f"paths.data_dir={mnist_root}", f"hydra.run.dir={run_dir}", *TINY, "trainer.max_epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / ".hydra" / "overrides.yaml").is_file()
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert str(run_dir) in result.stdout + result.stderr  # it says where the run went
+    eval_dir = tmp_path / "eval_run"
+    result = cli(
+        "evaluate",
+        f"ckpt_path={trained['best_checkpoint']}",
+        f"paths.data_dir={mnist_root}",
+        f"hydra.run.dir={eval_dir}",
+        "trainer=cpu",
+        "data.download=false",
+        "data.eval_batch_size=100",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((eval_dir / "metrics.json").read_text())
+    assert evaluated["status"] == "ok"
+    for key in ("test/acc", "test/acc_margin", "test/loss"):  # the same model on the same data
+        assert evaluated[key] == pytest.approx(trained[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["head.s=-1"], "error: ArcFaceHead: s=-1 is out of range; allowed: a finite number > 0"),
+        (["head.m=4"], "error: ArcFaceHead: m=4 is out of range; allowed: 0 ≤ m < π"),
+        (["head=cosface", "head.m=2"], "error: CosFaceHead: m=2 is out of range; allowed: 0 ≤ m ≤ 1"),
+        (["ckpt_path=/no/such.ckpt"], "error: ckpt_path=/no/such.ckpt does not exist"),
+        (["paths.data_dir=/no/data"], "error: MNIST train set not found in /no/data/MNIST/raw; set paths.data_dir="),
+    ],
+    ids=["s", "m", "cosface-m", "ckpt", "data"],
+)
+def test_cli_bad_values_fail_with_one_line_before_training(
+    mnist_root: Path, tmp_path: Path, overrides, message
+) -> None:
+    run_dir = tmp_path / "bad_run"
+    result = cli("train", f"paths.data_dir={mnist_root}", f"hydra.run.dir={run_dir}", *TINY, *overrides)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(message), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "checkpoints").exists()  # nothing trained, nothing half-written
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "failed" and f"error: {record['error']}" == last_line
+
+
+@pytest.mark.parametrize("group, name", [("head", "nope"), ("data", "imagenet"), ("backbone", "vit")])
+def test_cli_unknown_names_list_the_choices(tmp_path: Path, group: str, name: str) -> None:
+    result = cli("train", f"{group}={name}", f"hydra.run.dir={tmp_path / 'x'}")
+    assert result.returncode != 0
+    assert f"Could not find '{group}/{name}'" in result.stderr and "Available options" in result.stderr
+    assert not (tmp_path / "x").exists()  # refused while composing: no run dir at all
