@@ -85,7 +85,13 @@ class ArcFaceModule(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_acc, self.test_acc_margin)
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, acc, acc_margin) -> None:
+    def _evaluate(
+        self,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        stage: str,
+        acc: MulticlassAccuracy,
+        acc_margin: MulticlassAccuracy,
+    ) -> None:
         loss, preds, margin_preds, labels = self._step(batch)
         acc(preds, labels)
         acc_margin(margin_preds, labels)

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,6 +38,7 @@ from arcface_lightning.data import DataError
 from arcface_lightning.module import ArcFaceModule
 
 log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def register_trainer_flags() -> None:
@@ -67,7 +70,8 @@ def one_line(error: BaseException) -> str:
 
 
 def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
-    """Write metrics.json atomically (a reader never sees half a file)."""
+    """Write metrics.json atomically (a reader never sees half a file); NaN/inf become null (strict JSON)."""
+    metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "metrics.json"
     tmp = path.with_suffix(".json.tmp")
@@ -124,7 +128,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
     try:
         datamodule, model, trainer = build(cfg)
-    except (ValueError, TypeError, InstantiationException) as error:
+    except (ValueError, TypeError, InstantiationException, MisconfigurationException) as error:
         raise ConfigError(one_line(error)) from error
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -151,7 +155,7 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> dict[s
         message = one_line(error)
         write_metrics(output_dir, {**record, "status": "failed", "error": message})
         raise SystemExit(f"error: {message}") from None
-    loss = record.get("train/loss_epoch")
+    loss = record.get("train/loss")
     if loss is not None and not math.isfinite(loss):
         record.update(status="diverged", error=f"train/loss is {loss}")
     record.setdefault("status", "ok")
@@ -163,6 +167,18 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> dict[s
     return record
 
 
+def check_group_choices(args: list[str]) -> None:
+    """Refuse `group=name` when conf/<group>/ has no such file, in one line (Hydra's own message fills a screen)."""
+    for arg in args:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or not (CONF_DIR / key).is_dir() or "(" in value or value in ("", "null"):
+            continue  # not a config group, or a sweep function (Hydra checks those)
+        choices = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+        for name in value.split(","):
+            if name not in choices:
+                raise SystemExit(f"error: {key}={name} is not a config in conf/{key}/; allowed: {', '.join(choices)}")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
@@ -171,5 +187,10 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(name) if name else None  # for Hydra sweepers (Optuna)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    check_group_choices(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from hydra.utils import instantiate
 
@@ -34,8 +35,8 @@ def test_val_accuracy_is_argmax_of_cosine_and_acc_margin_is_the_seeds(make_cfg) 
             correct += (model.head.cosine(embeddings).argmax(1) == labels).sum().item()
             correct_margin += (model.head(embeddings, labels).argmax(1) == labels).sum().item()
             total += len(labels)
-    assert logged["val/acc"] == correct / total
-    assert abs(logged["val/acc_margin"] - correct_margin / total) < 1e-6
+    assert logged["val/acc"] == pytest.approx(correct / total, abs=1e-6)  # logged as float32
+    assert logged["val/acc_margin"] == pytest.approx(correct_margin / total, abs=1e-6)
     assert logged["val/acc_margin"] < logged["val/acc"]  # the margin makes right answers look wrong
 
 

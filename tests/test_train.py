@@ -66,6 +66,7 @@ def test_short_run_writes_metrics_checkpoints_and_tensorboard(make_cfg, tmp_path
     tags = set(events.Tags()["scalars"])
     assert {"val/acc", "val/acc_best", "train/loss", "train/loss_step", "test/acc", "test/acc_margin"} <= tags
     assert len(events.Scalars("val/acc")) == 2  # one point per epoch
+    assert events.PluginTagToContent("hparams")  # the HPARAMS tab has this run
 
 
 def test_resume_from_last_checkpoint_continues_at_the_next_epoch(make_cfg, tmp_path: Path) -> None:
@@ -84,6 +85,14 @@ def test_resume_from_last_checkpoint_continues_at_the_next_epoch(make_cfg, tmp_p
     assert trained_epochs == {"1"}  # the resumed run trained epoch 1 only
 
 
+def test_last_checkpoint_is_written_every_epoch_and_best_only_on_improvement(make_cfg, tmp_path: Path) -> None:
+    record = run(train, make_cfg("optimizer.lr=0", "trainer.max_epochs=3", "logger=csv"))  # val/acc never improves
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert Path(record["best_checkpoint"]).name.startswith("epoch_000-")
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted([Path(record["best_checkpoint"]).name, "last.ckpt"])
+
+
 def test_cifar10_trains(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from torchvision import datasets
 
@@ -96,7 +105,8 @@ def test_cifar10_trains(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_cli_train_then_evaluate(mnist_root: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "cli_run"
-    result = cli("train", f"paths.data_dir={mnist_root}", f"hydra.run.dir={run_dir}", *TINY, "trainer.max_epochs=2")
+    train_args = ["data.normalize=false", "data.val_size=50", "trainer.max_epochs=2"]  # evaluate must reuse these
+    result = cli("train", f"paths.data_dir={mnist_root}", f"hydra.run.dir={run_dir}", *TINY, *train_args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / ".hydra" / "overrides.yaml").is_file()
     trained = json.loads((run_dir / "metrics.json").read_text())
@@ -113,7 +123,7 @@ def test_cli_train_then_evaluate(mnist_root: Path, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
-    assert evaluated["status"] == "ok"
+    assert evaluated["status"] == "ok" and evaluated["dataset"] == "MNIST"
     for key in ("test/acc", "test/acc_margin", "test/loss"):  # the same model on the same data
         assert evaluated[key] == pytest.approx(trained[key], abs=1e-6), key
 
@@ -147,5 +157,22 @@ def test_cli_bad_values_fail_with_one_line_before_training(
 def test_cli_unknown_names_list_the_choices(tmp_path: Path, group: str, name: str) -> None:
     result = cli("train", f"{group}={name}", f"hydra.run.dir={tmp_path / 'x'}")
     assert result.returncode != 0
-    assert f"Could not find '{group}/{name}'" in result.stderr and "Available options" in result.stderr
-    assert not (tmp_path / "x").exists()  # refused while composing: no run dir at all
+    choices = ", ".join(sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")))
+    assert result.stderr.strip() == f"error: {group}={name} is not a config in conf/{group}/; allowed: {choices}"
+    assert not (tmp_path / "x").exists()  # refused before Hydra made a run dir
+
+
+def test_cli_evaluate_needs_a_checkpoint(tmp_path: Path) -> None:
+    result = cli("evaluate", f"hydra.run.dir={tmp_path / 'x'}")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: ckpt_path is required: python -m arcface_lightning.evaluate ckpt_path=<file.ckpt>"
+    )
+
+
+@pytest.mark.parametrize("loss, status", [(0.25, "ok"), (float("nan"), "diverged"), (float("inf"), "diverged")])
+def test_run_records_status_seed_and_time(tmp_path: Path, make_cfg, loss: float, status: str) -> None:
+    record = run(lambda cfg: {"train/loss": loss, "test/acc": 0.5}, make_cfg("seed=3"))
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == written["status"] == status and written["seed"] == 3
+    assert written["wall_time_s"] >= 0 and ("error" in written) == (status != "ok")
