@@ -19,7 +19,6 @@ DATASETS: dict[str, type[datasets.VisionDataset]] = {
     "FashionMNIST": datasets.FashionMNIST,
     "KMNIST": datasets.KMNIST,
     "CIFAR10": datasets.CIFAR10,
-    "CIFAR100": datasets.CIFAR100,
 }
 
 

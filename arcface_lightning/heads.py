@@ -24,7 +24,8 @@ Choices, and why:
   dtype: acos has an infinite slope at ±1, so taking it over the whole matrix and masking would give
   0·∞ = NaN gradients, and under fp16/bf16 the clamp 1 − 1e-7 rounds to 1.
 - The gradient is the true one (no straight-through `no_grad` trick); the clamp keeps it finite.
-- Normalisation has a floor (NORM_EPS) so a zero embedding maps to cos = 0 with bounded gradients.
+- A vector shorter than NORM_EPS normalises to 0 (cos = 0) with zero gradient: plain x / max(‖x‖, eps), as in
+  F.normalize, would send a gradient of 1/eps (≈ 1e12 with its default eps) back through a dead embedding.
 - m = 0 takes no angle round trip at all, so ArcFaceHead(m=0) equals s·cos exactly.
 
 No framework imports beyond torch: these are plain nn.Modules usable in any training loop.
@@ -35,10 +36,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-NORM_EPS = 1e-6  # floor on ‖x‖: x / max(‖x‖, eps) has gradient 1/eps at 0, so keep eps modest
+NORM_EPS = 1e-6  # vectors shorter than this count as zero
 COS_EPS = 1e-7  # acos is evaluated on cos clamped to [−1 + eps, 1 − eps] (in fp32)
 
 
@@ -52,11 +52,16 @@ def _check_sizes(owner: str, embedding_size: int, num_classes: int) -> None:
     _check("num_classes", num_classes, int(num_classes) == num_classes >= 2, "an integer ≥ 2", owner)
 
 
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length; rows shorter than NORM_EPS become 0, with zero gradient."""
+    norm = x.norm(dim=1, keepdim=True)
+    return torch.where(norm > NORM_EPS, x / norm.clamp_min(NORM_EPS), torch.zeros_like(x))
+
+
 def cosine_similarity(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """cos θ between each embedding row and each weight row, in fp32 even inside an autocast region."""
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        x = F.normalize(embeddings.float(), dim=1, eps=NORM_EPS)
-        return x @ F.normalize(weight.float(), dim=1, eps=NORM_EPS).t()
+        return normalize(embeddings.float()) @ normalize(weight.float()).t()
 
 
 def check_labels(labels: torch.Tensor, num_classes: int) -> None:

@@ -52,6 +52,7 @@ class ArcFaceModule(L.LightningModule):
         self.val_acc_margin = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_margin = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # in checkpoints, so a resumed run keeps its best so far
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings (batch, embedding_size)."""
@@ -62,7 +63,9 @@ class ArcFaceModule(L.LightningModule):
         embeddings = self.backbone(images)
         margin_logits = self.head(embeddings, labels)  # the training objective: margin on the true class
         loss = F.cross_entropy(margin_logits, labels)
-        return loss, self.head.logits(embeddings).argmax(1), margin_logits.argmax(1), labels
+        with torch.no_grad():  # the prediction: no margin, no labels
+            preds = self.head.logits(embeddings).argmax(1)
+        return loss, preds, margin_logits.argmax(1), labels
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, preds, _, labels = self._step(batch)
@@ -72,13 +75,12 @@ class ArcFaceModule(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def on_train_start(self) -> None:
-        self.val_acc_best.reset()  # forget the sanity-check batches
-
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc, self.val_acc_margin)
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # the sanity check's two batches are no epoch
+            return
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
@@ -95,7 +97,7 @@ class ArcFaceModule(L.LightningModule):
         loss, preds, margin_preds, labels = self._step(batch)
         acc(preds, labels)
         acc_margin(margin_preds, labels)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}/acc", acc, prog_bar=True)
         self.log(f"{stage}/acc_margin", acc_margin)
 

@@ -38,7 +38,8 @@ from arcface_lightning.data import DataError
 from arcface_lightning.module import ArcFaceModule
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
 
 
 def register_trainer_flags() -> None:
@@ -55,6 +56,8 @@ def register_trainer_flags() -> None:
 
 
 register_trainer_flags()
+# ${repo_root:} in conf/paths: data/ and logs/ default to the repository, wherever the command is run from
+OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
 
 
 class ConfigError(ValueError):

@@ -9,6 +9,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -79,6 +80,12 @@ def cifar10_checksums(root: Path) -> dict[str, list | dict]:
         "test_list": [[name, md5(name)] for name, _ in datasets.CIFAR10.test_list],
         "meta": {**datasets.CIFAR10.meta, "md5": md5(datasets.CIFAR10.meta["filename"])},
     }
+
+
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    """Every test starts from the same RNG state, whatever ran before it."""
+    L.seed_everything(0, verbose=False)
 
 
 @pytest.fixture

@@ -73,7 +73,9 @@ def test_data_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("ARCFACE_DATA_DIR", "/from/env")
     assert compose_config().paths.data_dir == "/from/env"
     monkeypatch.delenv("ARCFACE_DATA_DIR")
-    assert compose_config().paths.data_dir == "data"
+    repo = CONF.parent
+    assert compose_config().paths.data_dir == f"{repo}/data"  # the repository's data/, wherever we run from
+    assert compose_config().paths.log_dir == f"{repo}/logs"
 
 
 def test_seed_mnist_is_the_seed_recipe() -> None:
