@@ -8,7 +8,7 @@ export ARCFACE_DATA_DIR
 INSTALLED = $(PYTHON) -c "import importlib.metadata as m; m.version('arcface-lightning'); \
 	import lightning, hydra, torchvision, torchmetrics, tensorboard, pytest" 2>/dev/null
 
-.PHONY: help install train test lint format tensorboard clean
+.PHONY: help install train sweep report test lint format tensorboard clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,6 +19,13 @@ install: ## pip-install the package (editable) with its test tools into the acti
 train: ## train the default experiment, installing first if needed (more overrides: make train ARGS="head.s=16")
 	@$(INSTALLED) || $(MAKE) install
 	$(PYTHON) -m arcface_lightning.train $(ARGS)
+
+sweep: ## the preset s × m grid (conf/sweep/s_m.yaml), report and heatmap at the end (ARGS="seed=0,1,2" ...)
+	@$(INSTALLED) || $(MAKE) install
+	$(PYTHON) -m arcface_lightning.train sweep=s_m $(ARGS)
+
+report: ## (re)write a sweep's summary and heatmap: make report DIR=logs/sweep_s_m/multiruns/<time>_<pid>
+	$(PYTHON) -m arcface_lightning.report $(DIR)
 
 test: ## run the test suite (the real-MNIST test runs when ARCFACE_DATA_DIR holds MNIST)
 	@$(INSTALLED) || $(MAKE) install

@@ -18,6 +18,10 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 
+class DivergedError(FloatingPointError):
+    """The training loss stopped being finite: the run stops at once rather than train on NaNs."""
+
+
 class ArcFaceModule(L.LightningModule):
     """Embedding model trained through an angular-margin head.
 
@@ -69,6 +73,11 @@ class ArcFaceModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, preds, _, labels = self._step(batch)
+        if not torch.isfinite(loss):
+            raise DivergedError(
+                f"diverged: train/loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
+                "try a lower optimizer.lr or head.s"
+            )
         self.train_acc(preds, labels)
         self.log("train/loss", loss, on_step=False, on_epoch=True)  # epoch mean
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)

@@ -28,14 +28,16 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from arcface_lightning.data import DataError
-from arcface_lightning.module import ArcFaceModule
+from arcface_lightning.module import ArcFaceModule, DivergedError
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +60,9 @@ def register_trainer_flags() -> None:
 register_trainer_flags()
 # ${repo_root:} in conf/paths: data/ and logs/ default to the repository, wherever the command is run from
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
+# ${pid:} in run and sweep dir names: two runs started in the same second never share a folder. Cached, so the
+# jobs of a sweep (sent to other processes by launchers) see the launching process's value.
+OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
 
 
 class ConfigError(ValueError):
@@ -147,26 +152,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return {**metrics, "epochs": trainer.current_epoch, "best_checkpoint": best}
 
 
-def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> dict[str, Any]:
-    """Run a task and record its outcome in metrics.json; a user error exits with one line, before any training."""
+def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep: bool = False) -> dict[str, Any]:
+    """Run a task and record its outcome in metrics.json (status ok, failed or diverged).
+
+    Alone, a user error or a divergence exits with one line, and any other error keeps its traceback. In a sweep
+    (`in_sweep`), every failure is recorded and logged and the job returns, so the other jobs and the report go on.
+    """
     output_dir = Path(cfg.paths.output_dir)
     start = time.perf_counter()
-    record: dict[str, Any] = {"seed": cfg.get("seed")}
+    record: dict[str, Any] = {"seed": cfg.get("seed"), "status": "ok"}
+    failure: BaseException | None = None
     try:
         record.update(task(cfg))
-    except (ConfigError, DataError) as error:  # the user's to fix: one line; anything else keeps its traceback
-        message = one_line(error)
-        write_metrics(output_dir, {**record, "status": "failed", "error": message})
-        raise SystemExit(f"error: {message}") from None
-    loss = record.get("train/loss")
-    if loss is not None and not math.isfinite(loss):
-        record.update(status="diverged", error=f"train/loss is {loss}")
-    record.setdefault("status", "ok")
+    except (ConfigError, DataError, DivergedError) as error:  # explained in one line
+        failure = error
+    except Exception as error:
+        failure = error
+        if in_sweep:
+            log.exception("job failed")  # the traceback goes to this job's log file
+    if failure is not None:
+        status = "diverged" if isinstance(failure, DivergedError) else "failed"
+        record.update(status=status, error=one_line(failure))
     record["wall_time_s"] = round(time.perf_counter() - start, 3)
     path = write_metrics(output_dir, record)
-    log.info("run dir: %s", output_dir.resolve())
-    log.info("metrics: %s", path)
-    log.info("curves:  tensorboard --logdir %s", output_dir.resolve())
+    if failure is None:
+        log.info("run dir: %s", output_dir.resolve())
+        log.info("metrics: %s", path)
+        log.info("curves:  tensorboard --logdir %s", output_dir.resolve())
+    elif in_sweep:
+        log.error("%s: %s (%s)", record["status"], record["error"], output_dir)
+    elif isinstance(failure, (ConfigError, DataError, DivergedError)):
+        raise SystemExit(f"error: {record['error']}") from None
+    else:
+        raise failure
     return record
 
 
@@ -185,9 +203,10 @@ def check_group_choices(args: list[str]) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
-    metrics = run(train, cfg)
+    metrics = run(train, cfg, in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN)
     name = cfg.get("optimized_metric")
-    return metrics.get(name) if name else None  # for Hydra sweepers (Optuna)
+    # for Hydra sweepers (Optuna): a failed job returns NaN, which Optuna records as a failed trial
+    return float(metrics.get(name) or math.nan) if name else None
 
 
 def cli() -> None:

@@ -6,6 +6,8 @@ import hashlib
 import os
 import pickle
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,8 +20,8 @@ from torchvision import datasets
 
 import arcface_lightning.train  # noqa: F401  (registers trainer/lightning in Hydra's ConfigStore)
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-REAL_DATA = os.environ.get("ARCFACE_DATA_DIR")
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 
 
 def class_images(labels: np.ndarray, side: int, channels: int, seed: int) -> np.ndarray:
@@ -132,3 +134,17 @@ def make_cfg(tmp_path: Path, mnist_root: Path) -> Callable[..., DictConfig]:
         return cfg
 
     return make
+
+
+def cli(module: str, *overrides: str) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would (`python -m arcface_lightning.<module> ...`), from the repo root."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("ARCFACE_DATA_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", f"arcface_lightning.{module}", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

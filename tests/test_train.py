@@ -4,32 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from arcface_lightning.train import run, train
-from conftest import TINY, cifar10_checksums, write_cifar10
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(module: str, *overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
-    env.pop("ARCFACE_DATA_DIR", None)
-    return subprocess.run(
-        [sys.executable, "-m", f"arcface_lightning.{module}", *overrides],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+from arcface_lightning.module import DivergedError
+from arcface_lightning.train import ConfigError, run, train
+from conftest import ROOT, TINY, cifar10_checksums, cli, write_cifar10
 
 
 def test_fast_dev_run(make_cfg) -> None:
@@ -179,9 +162,47 @@ def test_cli_evaluate_needs_a_checkpoint(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("loss, status", [(0.25, "ok"), (float("nan"), "diverged"), (float("inf"), "diverged")])
-def test_run_records_status_seed_and_time(tmp_path: Path, make_cfg, loss: float, status: str) -> None:
-    record = run(lambda cfg: {"train/loss": loss, "test/acc": 0.5}, make_cfg("seed=3"))
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (None, "ok"),
+        (DivergedError("diverged: train/loss is nan at epoch 0, step 3"), "diverged"),
+        (ConfigError("ArcFaceHead: m=5 is out of range"), "failed"),
+        (RuntimeError("out of memory\nsecond line"), "failed"),
+    ],
+)
+def test_run_in_a_sweep_records_every_outcome_and_returns(tmp_path: Path, make_cfg, error, status: str) -> None:
+    def task(cfg):
+        if error is not None:
+            raise error
+        return {"test/acc": 0.5}
+
+    record = run(task, make_cfg("seed=3"), in_sweep=True)
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert record["status"] == written["status"] == status and written["seed"] == 3
-    assert written["wall_time_s"] >= 0 and ("error" in written) == (status != "ok")
+    assert record == written and written["status"] == status and written["seed"] == 3 and written["wall_time_s"] >= 0
+    if error is not None:
+        assert written["error"] == str(error).splitlines()[0]
+
+
+def test_run_alone_exits_with_one_line_or_keeps_the_traceback(tmp_path: Path, make_cfg) -> None:
+    def diverge(cfg):
+        raise DivergedError("diverged: train/loss is nan at epoch 0, step 3")
+
+    with pytest.raises(SystemExit, match=r"^error: diverged: train/loss is nan at epoch 0, step 3$"):
+        run(diverge, make_cfg())
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "diverged"
+
+    def crash(cfg):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # not a user error: the traceback stays
+        run(crash, make_cfg())
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["error"] == "a bug"
+
+
+def test_nan_loss_stops_training_at_once_as_diverged(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("optimizer=sgd", "optimizer.lr=1e30", "trainer.max_epochs=3")
+    record = run(train, cfg, in_sweep=True)
+    assert record["status"] == "diverged"
+    assert record["error"].startswith("diverged: train/loss is nan at epoch 0, step ")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped within the first epoch: nothing saved

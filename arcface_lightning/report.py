@@ -1,0 +1,264 @@
+"""Sweep report: a row per job, seeds aggregated, and test accuracy over the s × m grid as a heatmap.
+
+    python -m arcface_lightning.report logs/train/multiruns/<time>_<pid>
+    make report DIR=logs/train/multiruns/<time>_<pid>
+
+Reads each job's metrics.json and .hydra/overrides.yaml and writes into the sweep dir: summary.csv and summary.md
+(printed too), summary_seeds.csv when seeds are swept (mean ± sample std over seeds, failed jobs left out and
+counted), and heatmap.png (one heatmap_<key>=<value>.png per value of any other swept key; scatter.png when s and m
+do not form a grid, as in an Optuna search). Rows are sorted by val/acc_best: models are chosen on validation, and
+the heatmap's ★ marks the cell with the best mean val/acc_best, not the best test accuracy.
+SweepReportCallback writes the report when a multirun ends.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+METRICS = ("val/acc_best", "test/acc", "test/acc_margin")
+S, M, SEED = "head.s", "head.m", "seed"
+Row = dict[str, Any]
+
+
+def number(text: Any) -> Any:
+    """Override values arrive as text: numbers become numbers, anything else stays as it is."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return text
+    return int(value) if value.is_integer() and "." not in str(text) else value
+
+
+def read_jobs(sweep_dir: Path) -> list[Row]:
+    """One row per job dir: its overrides (key → value) and its metrics.json (or status failed if it has none)."""
+    rows = []
+    for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
+        job_dir = overrides_file.parent.parent
+        overrides = yaml.safe_load(overrides_file.read_text()) or []
+        row: Row = {"job": job_dir.name, "overrides": []}
+        for override in overrides:
+            key, _, value = override.lstrip("+~").partition("=")
+            row[key] = number(value)
+            row["overrides"].append(key)
+        metrics_file = job_dir / "metrics.json"
+        if metrics_file.is_file():
+            row.update(json.loads(metrics_file.read_text()))
+            row["finished"] = True
+        else:
+            row.update(status="failed", error="no metrics.json: the job crashed or is still running", finished=False)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (len(r["job"]), r["job"]))  # 0, 1, ..., 10 in numeric order
+
+
+def swept_keys(rows: list[Row]) -> list[str]:
+    """Override keys whose value differs between jobs, in the order they were given."""
+    keys = dict.fromkeys(key for row in rows for key in row["overrides"])
+    return [k for k in keys if len({repr(row.get(k)) for row in rows}) > 1]
+
+
+def sort_best_first(rows: list[Row]) -> list[Row]:
+    return sorted(rows, key=lambda r: (r.get("status") != "ok", -(r.get("val/acc_best") or 0.0)))
+
+
+def aggregate(rows: list[Row], keys: list[str]) -> list[Row]:
+    """Mean and sample std over seeds of each metric, per point of the other swept keys (ok jobs only)."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
+    table = []
+    for point, members in groups.items():
+        ok = [r for r in members if r.get("status") == "ok"]
+        entry: Row = dict(zip(keys, point, strict=True))
+        entry.update(n=len(ok), failed=len(members) - len(ok))
+        for metric in METRICS:
+            values = [r[metric] for r in ok if r.get(metric) is not None]
+            entry[f"{metric} mean"] = statistics.fmean(values) if values else math.nan
+            entry[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else math.nan
+        table.append(entry)
+    return sorted(table, key=lambda e: -e["val/acc_best mean"] if e["n"] else math.inf)
+
+
+def show(value: Any, column: str = "") -> str:
+    """Metrics (stage/name columns) to 4 decimals, times to 0.1 s; swept values as they were given."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and "/" in column:
+        return f"{value:.4f}"
+    if isinstance(value, float) and column == "wall_time_s":
+        return f"{value:.1f}"
+    return str(value)
+
+
+def markdown(rows: list[Row], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(show(row.get(c), c).replace("|", "/") for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[Row], columns: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(
+            {c: show(r.get(c)) if isinstance(r.get(c), float) else r.get(c) for c in columns} for r in rows
+        )
+
+
+def cell_label(entry: Row | None, rows_at_cell: list[Row]) -> str:
+    if entry is None or entry["n"] == 0:
+        return "\n".join(sorted({r.get("status", "failed") for r in rows_at_cell})) or "—"
+    text = f"{entry['test/acc mean']:.4f}"
+    if entry["n"] > 1:
+        text += f"\n±{entry['test/acc std']:.4f}"
+    return text + (f"\n{entry['failed']} failed" if entry["failed"] else "")
+
+
+def plot_grid(path: Path, rows: list[Row], title: str) -> None:
+    """test/acc over s (rows) × m (columns): mean over seeds, ± std in each cell, ★ = best mean val/acc_best."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    s_values = sorted({r[S] for r in rows})
+    m_values = sorted({r[M] for r in rows})
+    cells = {(e[S], e[M]): e for e in aggregate(rows, [S, M])}
+    grid = np.full((len(s_values), len(m_values)), np.nan)
+    for (i, s), (j, m) in itertools.product(enumerate(s_values), enumerate(m_values)):
+        if (s, m) in cells and cells[(s, m)]["n"]:
+            grid[i, j] = cells[(s, m)]["test/acc mean"]
+    scored = [e for e in cells.values() if e["n"]]
+    best = max(scored, key=lambda e: e["val/acc_best mean"]) if scored else None
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(m_values), 1.2 + 0.9 * len(s_values)), dpi=110)
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label="test/acc")
+    finite = grid[np.isfinite(grid)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for (i, s), (j, m) in itertools.product(enumerate(s_values), enumerate(m_values)):
+        at_cell = [r for r in rows if r[S] == s and r[M] == m]
+        label = cell_label(cells.get((s, m)), at_cell)
+        color = "black" if np.isfinite(grid[i, j]) and grid[i, j] > middle else "white"
+        if not np.isfinite(grid[i, j]):
+            color = "dimgray"
+        if best is not None and (best[S], best[M]) == (s, m):
+            label = "★ " + label
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=3))
+        ax.text(j, i, label, ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(len(m_values)), [str(m) for m in m_values])
+    ax.set_yticks(range(len(s_values)), [str(s) for s in s_values])
+    ax.set_xlabel("margin m (head.m)")
+    ax.set_ylabel("scale s (head.s)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_scatter(path: Path, rows: list[Row], title: str) -> None:
+    """For s, m that do not form a grid (Optuna): each job a point at (s, m), coloured by test/acc."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("test/acc") is not None]
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+    points = ax.scatter([r[S] for r in ok], [r[M] for r in ok], c=[r["test/acc"] for r in ok], cmap="viridis")
+    for r in ok:
+        ax.annotate(f"{r['test/acc']:.4f}", (r[S], r[M]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    failed = [r for r in rows if r.get("status") != "ok"]
+    ax.scatter([r[S] for r in failed], [r[M] for r in failed], marker="x", color="red", label="failed / diverged")
+    if failed:
+        ax.legend(fontsize=8)
+    fig.colorbar(points, ax=ax, label="test/acc")
+    ax.set_xscale("log")
+    ax.set_xlabel("scale s (head.s)")
+    ax.set_ylabel("margin m (head.m)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def figures(sweep_dir: Path, rows: list[Row], keys: list[str]) -> list[Path]:
+    """One s × m figure per combination of the other swept keys (seeds are averaged within a figure)."""
+    if S not in keys or M not in keys:
+        print(f"no heatmap: it needs {S} and {M} both swept (swept: {', '.join(keys) or 'nothing'})")
+        return []
+    others = [k for k in keys if k not in (S, M, SEED)]
+    written = []
+    for point in sorted({tuple(r.get(k) for k in others) for r in rows}, key=repr):
+        subset = [r for r in rows if tuple(r.get(k) for k in others) == point]
+        suffix = ",".join(f"{k}={v}" for k, v in zip(others, point, strict=True))
+        seeds = len({r.get(SEED) for r in subset})
+        title = f"test/acc, mean over {seeds} seed(s){' — ' + suffix if suffix else ''}\n★ = best mean val/acc_best"
+        is_grid = len({(r[S], r[M]) for r in subset}) == len({r[S] for r in subset}) * len({r[M] for r in subset})
+        name = ("heatmap" if is_grid else "scatter") + (f"_{suffix}" if suffix else "") + ".png"
+        (plot_grid if is_grid else plot_scatter)(sweep_dir / name, subset, title)
+        written.append(sweep_dir / name)
+    return written
+
+
+def write_report(sweep_dir: Path) -> dict[str, Any]:
+    """Write summary.csv, summary.md, summary_seeds.csv (seeds swept) and the figures; return what was written."""
+    sweep_dir = Path(sweep_dir)
+    rows = read_jobs(sweep_dir) if sweep_dir.is_dir() else []
+    if not rows:
+        raise SystemExit(f"error: {sweep_dir} is not a sweep dir: no <job>/.hydra/overrides.yaml in it")
+    if not any(r["finished"] for r in rows):
+        raise SystemExit(f"error: {sweep_dir} has no finished jobs: no <job>/metrics.json in it")
+    keys = swept_keys(rows)
+    columns = ["job", *[k for k in keys if k != SEED], SEED, *METRICS, "epochs", "wall_time_s", "status", "error"]
+    rows = sort_best_first(rows)
+    write_csv(sweep_dir / "summary.csv", rows, columns)
+    text = f"# Sweep {sweep_dir}\n\n{len(rows)} jobs, sorted by val/acc_best.\n\n{markdown(rows, columns)}\n"
+    seeds_table = None
+    if SEED in keys:
+        group_keys = [k for k in keys if k != SEED]
+        seeds_table = aggregate(rows, group_keys)
+        seed_columns = [*group_keys, "n", "failed", *[f"{m} {stat}" for m in METRICS for stat in ("mean", "std")]]
+        write_csv(sweep_dir / "summary_seeds.csv", seeds_table, seed_columns)
+        text += f"\n## Over seeds (mean, sample std)\n\n{markdown(seeds_table, seed_columns)}\n"
+    (sweep_dir / "summary.md").write_text(text)
+    print(text)
+    written = figures(sweep_dir, rows, keys)
+    for path in written:
+        print(f"figure: {path}")
+    return {"rows": rows, "swept": keys, "seeds": seeds_table, "figures": written}
+
+
+class SweepReportCallback(Callback):
+    """Hydra callback: write the report into the sweep dir when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            write_report(Path(config.hydra.sweep.dir))
+        except (SystemExit, Exception) as error:  # a report problem must not fail the sweep it describes
+            log.warning("sweep report not written: %s", error)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m arcface_lightning.report <sweep_dir>")
+    write_report(Path(args[0]))
+
+
+if __name__ == "__main__":
+    main()
