@@ -114,13 +114,16 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trai
 
 
 def hparams_for_tensorboard(cfg: DictConfig) -> dict[str, Any]:
-    """A flat selection for TensorBoard's HPARAMS tab: each group's class and scalar settings, seed, embedding size."""
+    """A flat selection for TensorBoard's HPARAMS tab: each group's class and settings, seed, embedding size."""
+    plumbing = {"data_dir", "download", "num_workers", "pin_memory", "eval_batch_size"}
+    derived = {"embedding_size", "num_classes", "in_channels", "image_size"}  # interpolated from one place
     params: dict[str, Any] = {"seed": cfg.seed, "embedding_size": cfg.embedding_size}
     for group in ("data", "backbone", "head", "optimizer"):
         node = OmegaConf.to_container(cfg[group], resolve=True)
         params[group] = node.get("dataset") or node["_target_"].rsplit(".", 1)[-1]
         for key, value in node.items():
-            if not key.startswith("_") and isinstance(value, (int, float, str, bool)):
+            keep = not key.startswith("_") and key not in plumbing and (group == "data" or key not in derived)
+            if keep and isinstance(value, (int, float, str, bool)):
                 params[f"{group}/{key}"] = value
     return params
 

@@ -118,9 +118,9 @@ TINY = [
 ]
 
 
-def compose_config(*overrides: str, config_name: str = "train") -> DictConfig:
+def compose_config(*overrides: str, config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 @pytest.fixture

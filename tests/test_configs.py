@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hydra.types import RunMode
 from hydra.utils import instantiate
 
 from arcface_lightning.train import build
@@ -97,3 +98,18 @@ def test_seed_mnist_is_the_seed_recipe() -> None:
 def test_schedulers_compose(scheduler: str) -> None:
     cfg = compose_config(f"scheduler={scheduler}", "paths.output_dir=/unused")
     assert cfg.scheduler.scheduler._partial_ and cfg.scheduler.interval in ("epoch", "step")
+
+
+def test_sweep_preset_is_a_multirun_of_the_seed_recipe_over_s_and_m() -> None:
+    cfg = compose_config("sweep=s_m", return_hydra_config=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN
+    assert set(cfg.hydra.sweeper.params) == {"head.s", "head.m", "seed"}
+    assert cfg.data.normalize is False and cfg.head.s == 30.0  # experiment=seed_mnist underneath
+    assert cfg.trainer.max_epochs == 1 and cfg.hydra.callbacks.sweep_report._target_.endswith("SweepReportCallback")
+
+
+def test_optuna_search_space() -> None:
+    cfg = compose_config("hparams_search=optuna", return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
+    assert cfg.optimized_metric == "val/acc_best"
+    assert dict(cfg.hydra.sweeper.params) == {"head.s": "tag(log, interval(1, 128))", "head.m": "interval(0.0, 0.8)"}

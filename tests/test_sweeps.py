@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from arcface_lightning.report import write_report
 from conftest import ROOT, TINY, cli
@@ -21,6 +23,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def summary(sweep_dir: Path, name: str = "summary.csv") -> list[dict[str, str]]:
     with open(sweep_dir / name) as f:
         return list(csv.DictReader(f))
+
+
+def tensorboard_hparams(log_dir: Path) -> dict:
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = HParamsPluginData.FromString(content).session_start_info
+    return {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in info.hparams.items()}
 
 
 def test_grid_multirun_writes_every_job_and_the_report(mnist_root: Path, tmp_path: Path) -> None:
@@ -51,6 +61,8 @@ def test_grid_multirun_writes_every_job_and_the_report(mnist_root: Path, tmp_pat
         assert f"head.s={row['head.s']}" in overrides and float(row["test/acc"]) == record["test/acc"]
     val = [float(r["val/acc_best"]) for r in rows]
     assert val == sorted(val, reverse=True)  # best first
+    for row in rows:  # TensorBoard's HPARAMS tab: each job's s, m, ... against its metrics
+        assert tensorboard_hparams(sweep / row["job"] / "tensorboard")["head/s"] == float(row["head.s"])
     heatmap = (sweep / "heatmap.png").read_bytes()
     assert heatmap.startswith(PNG_MAGIC) and len(heatmap) > 10_000
     assert "| job | head.s | head.m | seed |" in (sweep / "summary.md").read_text()
