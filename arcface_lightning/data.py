@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, random_split
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, random_split
 from torchvision import datasets, transforms
 
 DATASETS: dict[str, type[datasets.VisionDataset]] = {
@@ -40,6 +40,7 @@ class ImageDataModule(L.LightningDataModule):
         eval_batch_size: int = 1000,
         val_size: int = 5000,
         split_seed: int = 0,
+        shuffle_seed: int | None = 0,
         download: bool = True,
         normalize: bool = True,
         mean: tuple[float, ...] = (0.1307,),
@@ -123,27 +124,37 @@ class ImageDataModule(L.LightningDataModule):
         dataset.transform = self.transform
         return dataset
 
-    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=self.hparams.pin_memory,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+        """Shuffled by (shuffle_seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would.
+
+        The sampler is a DistributedSampler for any number of processes: one shard per rank under DDP (batch_size
+        is per device), the whole set in a single process. Lightning calls its set_epoch before every epoch.
+        """
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        seed = self.hparams.shuffle_seed
+        if seed is None:  # no run seed: a fresh order, still fixed per epoch within this run
+            seed = torch.randint(2**31 - 1, ()).item()
+        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        return self._loader(self.train_set, self.hparams.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.hparams.eval_batch_size, shuffle=False)
+        return self._loader(self.val_set, self.hparams.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.hparams.eval_batch_size, shuffle=False)
+        return self._loader(self.test_set, self.hparams.eval_batch_size)
 
 
 def _first_line(error: BaseException) -> str:

@@ -79,7 +79,9 @@ class ArcFaceModule(L.LightningModule):
                 "try a lower optimizer.lr or head.s"
             )
         self.train_acc(preds, labels)
-        self.log("train/loss", loss, on_step=False, on_epoch=True)  # epoch mean
+        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)  # epoch mean over all ranks
+        # images trained on this epoch, summed over ranks (each rank trains on its own shard)
+        self.log("train/samples", float(len(labels)), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True)
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss

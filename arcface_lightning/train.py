@@ -34,6 +34,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from arcface_lightning.data import DataError
@@ -88,10 +91,51 @@ def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
     return path
 
 
-def check_ckpt_path(ckpt_path: str | None) -> str | None:
-    if ckpt_path is not None and not Path(ckpt_path).is_file():
+def check_ckpt_path(ckpt_path: str | None, output_dir: Path | None = None) -> str | None:
+    """A readable checkpoint file, or None. `last` means <run dir>/checkpoints/last.ckpt of this run's dir."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last" and output_dir is not None:
+        ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+        if not Path(ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path=last: no {ckpt_path}; pass hydra.run.dir=<the run dir to resume>")
+    if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist; give the path of a .ckpt file")
+    try:  # fail now, with one line, rather than after Lightning has set everything up
+        torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise ConfigError(f"ckpt_path={ckpt_path} is not a readable checkpoint: {one_line(error)}") from error
     return ckpt_path
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """Lightning's `ddp` re-launches this script once per device; inside a Hydra multirun that would re-run the
+    whole sweep in every child. Refuse that combination up front (SLURM starts one task per device itself)."""
+    strategy, devices = str(cfg.trainer.get("strategy")), cfg.trainer.get("devices")
+    relaunches = strategy.startswith("ddp") and not any(k in strategy for k in ("spawn", "fork", "notebook"))
+    several = str(devices) not in ("1", "auto", "None") or (cfg.trainer.get("num_nodes") or 1) > 1
+    in_multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if relaunches and several and in_multirun and not SLURMEnvironment.detect():
+        raise ConfigError(
+            f"trainer.strategy={strategy} with several devices cannot run inside a Hydra multirun (-m): it "
+            "re-launches the script per device. Use trainer.strategy=ddp_spawn, or one device per job "
+            "(hydra/launcher=joblib, submitit_slurm)"
+        )
+
+
+class CheckpointOnSigterm(L.Callback):
+    """On SIGTERM (pre-emption, `kill`) Lightning stops at the next step; save last.ckpt before the process ends.
+
+    The checkpoint is mid-epoch: resuming from it continues the step count, not the exact batch order.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+            log.info("SIGTERM: saved %s", self.dirpath / "last.ckpt")
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trainer]:
@@ -136,7 +180,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then test the checkpoint with the best val/acc; return the final metrics (also in metrics.json)."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
+    ckpt_path = check_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
+    check_launch(cfg)
     try:
         datamodule, model, trainer = build(cfg)
     except (ValueError, TypeError, InstantiationException, MisconfigurationException) as error:
@@ -152,7 +197,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(logger, TensorBoardLogger):
             shown = {k: v for k, v in metrics.items() if k in ("val/acc_best", "test/acc", "test/acc_margin")}
             logger.log_hyperparams(hparams_for_tensorboard(cfg), metrics=shown, step=trainer.global_step)
-    return {**metrics, "epochs": trainer.current_epoch, "best_checkpoint": best}
+    return {**metrics, "epochs": trainer.current_epoch, "best_checkpoint": best, "world_size": trainer.world_size}
 
 
 def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep: bool = False) -> dict[str, Any]:
@@ -167,6 +212,10 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep:
     failure: BaseException | None = None
     try:
         record.update(task(cfg))
+    except SIGTERMException:  # Lightning stopped at a step boundary; CheckpointOnSigterm saved last.ckpt
+        record.update(status="interrupted", error=f"SIGTERM; resume: ckpt_path=last hydra.run.dir={output_dir}")
+        write_metrics(output_dir, {**record, "wall_time_s": round(time.perf_counter() - start, 3)})
+        raise SystemExit(f"interrupted: {record['error']}") from None
     except (ConfigError, DataError, DivergedError) as error:  # explained in one line
         failure = error
     except Exception as error:
@@ -177,8 +226,12 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep:
         status = "diverged" if isinstance(failure, DivergedError) else "failed"
         record.update(status=status, error=one_line(failure))
     record["wall_time_s"] = round(time.perf_counter() - start, 3)
-    path = write_metrics(output_dir, record)
-    if failure is None:
+    path = output_dir / "metrics.json"
+    # One writer (rank zero under DDP); and a refused resume never overwrites the record of the run it names.
+    refused = isinstance(failure, ConfigError) and path.exists()
+    if rank_zero_only.rank == 0 and not refused:
+        write_metrics(output_dir, record)
+    if failure is None and rank_zero_only.rank == 0:
         log.info("run dir: %s", output_dir.resolve())
         log.info("metrics: %s", path)
         log.info("curves:  tensorboard --logdir %s", output_dir.resolve())

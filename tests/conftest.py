@@ -136,15 +136,12 @@ def make_cfg(tmp_path: Path, mnist_root: Path) -> Callable[..., DictConfig]:
     return make
 
 
-def cli(module: str, *overrides: str) -> subprocess.CompletedProcess:
-    """Run an entry point as a user would (`python -m arcface_lightning.<module> ...`), from the repo root."""
+def cli_command(module: str, *overrides: str) -> dict:
+    """subprocess arguments for an entry point run as a user would (`python -m arcface_lightning.<module>`)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("ARCFACE_DATA_DIR", None)
-    return subprocess.run(
-        [sys.executable, "-m", f"arcface_lightning.{module}", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return {"args": [sys.executable, "-m", f"arcface_lightning.{module}", *overrides], "cwd": ROOT, "env": env}
+
+
+def cli(module: str, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(**cli_command(module, *overrides), capture_output=True, text=True, timeout=300)

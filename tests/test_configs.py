@@ -22,7 +22,7 @@ OPTIONS = {
 def test_option_lists_are_what_the_readme_promises() -> None:
     assert OPTIONS["data"] == ["cifar10", "fashion_mnist", "kmnist", "mnist"]
     assert OPTIONS["head"] == ["arcface", "combined", "cosface", "softmax", "sphereface"]
-    assert {"cpu", "gpu", "default"} <= set(OPTIONS["trainer"])
+    assert OPTIONS["trainer"] == ["cpu", "ddp", "ddp_cpu", "ddp_multinode", "default", "gpu"]
 
 
 @pytest.mark.parametrize("data, backbone, head, trainer", itertools.product(*OPTIONS.values()))
@@ -113,3 +113,25 @@ def test_optuna_search_space() -> None:
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
     assert cfg.optimized_metric == "val/acc_best"
     assert dict(cfg.hydra.sweeper.params) == {"head.s": "tag(log, interval(1, 128))", "head.m": "interval(0.0, 0.8)"}
+
+
+def test_slurm_launcher_follows_the_trainer() -> None:
+    cfg = compose_config(
+        "hydra/launcher=submitit_slurm",
+        "trainer=ddp_multinode",
+        "trainer.devices=8",
+        "hydra.launcher.partition=gpu",
+        return_hydra_config=True,
+    )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8 and launcher.nodes == 2  # one task per GPU
+
+
+@pytest.mark.parametrize("trainer, precision", [("cpu", "bf16-mixed"), ("gpu", "16-mixed"), ("gpu", "bf16-mixed")])
+def test_mixed_precision_flags_reach_the_trainer(trainer: str, precision: str, tmp_path) -> None:
+    cfg = compose_config(f"trainer={trainer}", f"trainer.precision={precision}", f"paths.output_dir={tmp_path}")
+    assert cfg.trainer.precision == precision
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        pytest.skip("composes; a GPU is needed to instantiate a GPU trainer")
+    assert instantiate(cfg.trainer).precision == precision
