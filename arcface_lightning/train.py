@@ -248,8 +248,8 @@ def check_group_choices(args: list[str]) -> None:
     """Refuse `group=name` when conf/<group>/ has no such file, in one line (Hydra's own message fills a screen)."""
     for arg in args:
         key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or not (CONF_DIR / key).is_dir() or "(" in value or value in ("", "null"):
-            continue  # not a config group, or a sweep function (Hydra checks those)
+        if not sep or "/" in key or not (CONF_DIR / key).is_dir() or "(" in value or value in ("", "null"):
+            continue  # not one of our groups (hydra/launcher=... comes from plugins), or a sweep function
         choices = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
         for name in value.split(","):
             if name not in choices:

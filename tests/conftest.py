@@ -145,3 +145,8 @@ def cli_command(module: str, *overrides: str) -> dict:
 
 def cli(module: str, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(**cli_command(module, *overrides), capture_output=True, text=True, timeout=300)
+
+
+def multirun(sweep: Path, data_root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """A real `python -m arcface_lightning.train -m ...` of tiny jobs on synthetic data, into `sweep`."""
+    return cli("train", "-m", f"hydra.sweep.dir={sweep}", f"paths.data_dir={data_root}", *TINY, *overrides)

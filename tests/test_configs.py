@@ -11,7 +11,7 @@ import torch
 from hydra.types import RunMode
 from hydra.utils import instantiate
 
-from arcface_lightning.train import build
+from arcface_lightning.train import build, check_group_choices
 from conftest import CONF, compose_config
 
 OPTIONS = {
@@ -135,3 +135,9 @@ def test_mixed_precision_flags_reach_the_trainer(trainer: str, precision: str, t
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         pytest.skip("composes; a GPU is needed to instantiate a GPU trainer")
     assert instantiate(cfg.trainer).precision == precision
+
+
+def test_group_check_names_unknown_choices_and_leaves_hydra_groups_alone() -> None:
+    check_group_choices(["hydra/launcher=joblib", "hydra/sweeper=optuna", "head=arcface,cosface", "head.s=1", "-m"])
+    with pytest.raises(SystemExit, match=r"^error: head=nope is not a config in conf/head/; allowed: arcface, "):
+        check_group_choices(["head=arcface,nope"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from arcface_lightning.train import train
-from conftest import TINY, cli, cli_command, write_mnist
+from conftest import TINY, cli, cli_command, multirun, write_mnist
 
 
 def test_ddp_cpu_trains_two_ranks_into_one_run_dir(mnist_root: Path, tmp_path: Path) -> None:
@@ -44,15 +44,7 @@ def test_ddp_cpu_trains_two_ranks_into_one_run_dir(mnist_root: Path, tmp_path: P
 
 def test_ddp_inside_a_multirun_is_refused_with_what_to_use(mnist_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = cli(
-        "train",
-        "-m",
-        "head.s=8,16",
-        f"hydra.sweep.dir={sweep}",
-        f"paths.data_dir={mnist_root}",
-        *TINY,
-        "trainer=ddp_cpu",
-    )
+    result = multirun(sweep, mnist_root, "head.s=8,16", "trainer=ddp_cpu")
     rows = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
     assert result.returncode == 0 and len(rows) == 2
     for row in rows:
@@ -68,15 +60,7 @@ def test_bf16_mixed_training_stays_finite(make_cfg) -> None:
 
 def test_submitit_local_runs_a_two_job_multirun(mnist_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = cli(
-        "train",
-        "-m",
-        "hydra/launcher=submitit_local",
-        "head.m=0.2,0.4",
-        f"hydra.sweep.dir={sweep}",
-        f"paths.data_dir={mnist_root}",
-        *TINY,
-    )
+    result = multirun(sweep, mnist_root, "hydra/launcher=submitit_local", "head.m=0.2,0.4")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
     assert [r["status"] for r in records] == ["ok", "ok"] and (sweep / "summary.csv").is_file()

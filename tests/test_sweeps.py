@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from arcface_lightning.report import write_report
-from conftest import ROOT, TINY, cli
+from conftest import ROOT, multirun
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -35,15 +35,7 @@ def tensorboard_hparams(log_dir: Path) -> dict:
 
 def test_grid_multirun_writes_every_job_and_the_report(mnist_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = cli(
-        "train",
-        "-m",
-        "head.s=8,16",
-        "head.m=0.1,0.3",
-        f"hydra.sweep.dir={sweep}",
-        f"paths.data_dir={mnist_root}",
-        *TINY,
-    )
+    result = multirun(sweep, mnist_root, "head.s=8,16", "head.m=0.1,0.3")
     assert result.returncode == 0, result.stderr[-3000:]
     for job in range(4):
         record = json.loads((sweep / str(job) / "metrics.json").read_text())
@@ -70,7 +62,7 @@ def test_grid_multirun_writes_every_job_and_the_report(mnist_root: Path, tmp_pat
 
 def test_one_bad_grid_point_fails_alone(mnist_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = cli("train", "-m", "head.m=0.3,5", f"hydra.sweep.dir={sweep}", f"paths.data_dir={mnist_root}", *TINY)
+    result = multirun(sweep, mnist_root, "head.m=0.3,5")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["head.m"]: r for r in summary(sweep)}
     assert rows["0.3"]["status"] == "ok" and float(rows["0.3"]["test/acc"]) > 0
@@ -80,16 +72,7 @@ def test_one_bad_grid_point_fails_alone(mnist_root: Path, tmp_path: Path) -> Non
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(mnist_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = cli(
-        "train",
-        "-m",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "head.s=8,16",
-        f"hydra.sweep.dir={sweep}",
-        f"paths.data_dir={mnist_root}",
-        *TINY,
-    )
+    result = multirun(sweep, mnist_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "head.s=8,16")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     assert sorted(r["head.s"] for r in summary(sweep)) == ["16", "8"]
@@ -98,14 +81,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(mnist_root: Path, tmp_p
 
 def test_optuna_search_runs_trials_and_returns_the_metric(mnist_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = cli(
-        "train",
-        "hparams_search=optuna",
-        "hydra.sweeper.n_trials=2",
-        f"hydra.sweep.dir={sweep}",
-        f"paths.data_dir={mnist_root}",
-        *TINY,
-    )
+    result = multirun(sweep, mnist_root, "hparams_search=optuna", "hydra.sweeper.n_trials=2")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = summary(sweep)
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
