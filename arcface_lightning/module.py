@@ -17,6 +17,8 @@ from hydra.utils import instantiate
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from arcface_lightning.metrics import embedding_metrics
+
 
 class DivergedError(FloatingPointError):
     """The training loss stopped being finite: the run stops at once rather than train on NaNs."""
@@ -35,6 +37,7 @@ class ArcFaceModule(L.LightningModule):
         optimizer: config of a partial optimizer (`_partial_: true`), called with all parameters (backbone and head).
         scheduler: None, or Lightning's lr-scheduler dict whose `scheduler` is a partial config; a `total_steps: null`
             in it is filled with the trainer's estimated number of optimizer steps (for OneCycleLR).
+        max_pairs: verification pairs sampled at test time (see metrics.py) when the test set has more.
     """
 
     def __init__(
@@ -43,9 +46,12 @@ class ArcFaceModule(L.LightningModule):
         head: Mapping[str, Any],
         optimizer: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
+        max_pairs: int = 200_000,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self._test_embeddings: list[torch.Tensor] = []
+        self._test_labels: list[torch.Tensor] = []
         self.backbone = instantiate(backbone)
         self.head = instantiate(head)
         num_classes = self.head.num_classes
@@ -69,10 +75,10 @@ class ArcFaceModule(L.LightningModule):
         loss = F.cross_entropy(margin_logits, labels)
         with torch.no_grad():  # the prediction: no margin, no labels
             preds = self.head.logits(embeddings).argmax(1)
-        return loss, preds, margin_logits.argmax(1), labels
+        return loss, preds, margin_logits.argmax(1), labels, embeddings
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, preds, _, labels = self._step(batch)
+        loss, preds, _, labels, _ = self._step(batch)
         if not torch.isfinite(loss):
             raise DivergedError(
                 f"diverged: train/loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
@@ -96,7 +102,22 @@ class ArcFaceModule(L.LightningModule):
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_acc, self.test_acc_margin)
+        embeddings = self._evaluate(batch, "test", self.test_acc, self.test_acc_margin)
+        self._test_embeddings.append(embeddings.detach())
+        self._test_labels.append(batch[1])
+
+    def on_test_epoch_start(self) -> None:
+        self._test_embeddings.clear()
+        self._test_labels.clear()
+
+    def on_test_epoch_end(self) -> None:
+        """Retrieval and verification on the whole test set's embeddings (gathered from every rank)."""
+        embeddings, labels = torch.cat(self._test_embeddings), torch.cat(self._test_labels)
+        if self.trainer.world_size > 1:  # DistributedSampler gives every rank the same number of samples
+            embeddings, labels = self.all_gather(embeddings).flatten(0, 1), self.all_gather(labels).flatten(0, 1)
+        metrics = embedding_metrics(embeddings.cpu(), labels.cpu(), max_pairs=self.hparams.max_pairs)
+        self.log_dict({f"test/{name}": value for name, value in metrics.items()})
+        self.on_test_epoch_start()  # free the memory
 
     def _evaluate(
         self,
@@ -104,13 +125,14 @@ class ArcFaceModule(L.LightningModule):
         stage: str,
         acc: MulticlassAccuracy,
         acc_margin: MulticlassAccuracy,
-    ) -> None:
-        loss, preds, margin_preds, labels = self._step(batch)
+    ) -> torch.Tensor:
+        loss, preds, margin_preds, labels, embeddings = self._step(batch)
         acc(preds, labels)
         acc_margin(margin_preds, labels)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}/acc", acc, prog_bar=True)
         self.log(f"{stage}/acc_margin", acc_margin)
+        return embeddings
 
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())

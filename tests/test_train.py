@@ -39,6 +39,11 @@ def test_short_run_writes_metrics_checkpoints_and_tensorboard(make_cfg, tmp_path
         "test/loss",
         "test/acc",
         "test/acc_margin",
+        "test/precision_at_1",
+        "test/map_at_r",
+        "test/verification_auc",
+        "test/tar_at_far_1e-3",
+        "test/verification_acc",
         "wall_time_s",
     ):
         assert isinstance(written[key], float), key
