@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, random_split
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, random_split
 from torchvision import datasets, transforms
 
 DATASETS: dict[str, type[datasets.VisionDataset]] = {
@@ -41,6 +41,8 @@ class ImageDataModule(L.LightningDataModule):
         val_size: int = 5000,
         split_seed: int = 0,
         shuffle_seed: int | None = 0,
+        train_classes: list[int] | None = None,
+        open_classes: list[int] | None = None,
         download: bool = True,
         normalize: bool = True,
         mean: tuple[float, ...] = (0.1307,),
@@ -56,6 +58,7 @@ class ImageDataModule(L.LightningDataModule):
                 raise ValueError(f"data.{name}={value!r} is out of range; allowed: an integer ≥ 1")
         if normalize and not len(mean) == len(std) == in_channels:
             raise ValueError(f"data.mean/std need {in_channels} values (in_channels), got {list(mean)} / {list(std)}")
+        check_class_split(train_classes, open_classes, num_classes)
         self.save_hyperparameters()
         self.root = Path(data_dir).expanduser()
         steps: list[Any] = [transforms.ToTensor()]
@@ -65,6 +68,7 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.open_set: Dataset | None = None  # test images of classes never trained on (open-set protocol)
 
     @property
     def folder(self) -> Path:
@@ -90,14 +94,28 @@ class ImageDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
-            full = self._load(train=True)
+            full = self._classes(self._load(train=True), self.hparams.train_classes)
             val_size = self.hparams.val_size
             if val_size >= len(full):
                 raise ValueError(f"data.val_size={val_size} leaves no training data; allowed: < {len(full)}")
             generator = torch.Generator().manual_seed(self.hparams.split_seed)
             self.train_set, self.val_set = random_split(full, [len(full) - val_size, val_size], generator=generator)
         if stage in (None, "test", "predict") and self.test_set is None:
-            self.test_set = self._load(train=False)
+            self.test_set = self._classes(self._load(train=False), self.hparams.train_classes)
+            if self.hparams.open_classes:
+                self.open_set = self._classes(self._load(train=False), self.hparams.open_classes, relabel=False)
+
+    def _classes(self, dataset: Dataset, classes: list[int] | None, relabel: bool = True) -> Dataset:
+        """The samples of `classes` only; with relabel, their labels become 0..len(classes)-1 (the head's)."""
+        if classes is None:
+            return dataset
+        known = len(dataset.classes)
+        if bad := [c for c in classes if not 0 <= c < known]:
+            raise DataError(f"class {bad[0]} is not in {self.hparams.dataset} (classes 0..{known - 1})")
+        targets = torch.as_tensor(dataset.targets)
+        if relabel:
+            dataset.target_transform = Relabel(classes)
+        return Subset(dataset, torch.nonzero(torch.isin(targets, torch.tensor(classes))).squeeze(1).tolist())
 
     def _load(self, train: bool) -> Dataset:
         name, split = self.hparams.dataset, "train" if train else "test"
@@ -115,7 +133,7 @@ class ImageDataModule(L.LightningDataModule):
                 state = f"unreadable ({_first_line(error)})"
                 fix = "delete those files and set data.download=true, or set paths.data_dir=<folder with good copies>"
             raise DataError(f"{name} {split} set {state} in {self.folder}; {fix}") from error
-        if len(dataset.classes) != self.hparams.num_classes:
+        if self.hparams.train_classes is None and len(dataset.classes) != self.hparams.num_classes:
             raise DataError(f"data.num_classes={self.hparams.num_classes} but {name} has {len(dataset.classes)}")
         shape = (len(image.getbands()), image.height, image.width)
         expected = (self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size)
@@ -153,8 +171,33 @@ class ImageDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.hparams.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.hparams.eval_batch_size)
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The test set; with open_classes, also the open-set images as a second loader (dataloader_idx 1)."""
+        closed = self._loader(self.test_set, self.hparams.eval_batch_size)
+        return [closed, self._loader(self.open_set, self.hparams.eval_batch_size)] if self.open_set else closed
+
+
+class Relabel:
+    """Maps the kept classes' ids to 0..len(classes)-1, as a picklable target_transform (for loader workers)."""
+
+    def __init__(self, classes: list[int]) -> None:
+        self.index = {c: i for i, c in enumerate(classes)}
+
+    def __call__(self, target: int) -> int:
+        return self.index[int(target)]
+
+
+def check_class_split(train_classes: list[int] | None, open_classes: list[int] | None, num_classes: int) -> None:
+    """Open-set protocol: train on some classes, evaluate retrieval on others, never both."""
+    for name, classes in (("train_classes", train_classes), ("open_classes", open_classes)):
+        if classes is not None and (len(classes) == 0 or len(set(classes)) != len(classes)):
+            raise ValueError(f"data.{name}={list(classes)} must be a non-empty list of distinct class ids")
+    if open_classes and train_classes is None:
+        raise ValueError("data.open_classes needs data.train_classes (the classes the model may see)")
+    if train_classes is not None and len(train_classes) != num_classes:
+        raise ValueError(f"data.num_classes={num_classes} but data.train_classes has {len(train_classes)} classes")
+    if shared := sorted(set(train_classes or ()) & set(open_classes or ())):
+        raise ValueError(f"data.train_classes and data.open_classes share {shared}; open classes must be unseen")
 
 
 def _first_line(error: BaseException) -> str:

@@ -50,8 +50,7 @@ class ArcFaceModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self._test_embeddings: list[torch.Tensor] = []
-        self._test_labels: list[torch.Tensor] = []
+        self._test_embeddings: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per test loader
         self.backbone = instantiate(backbone)
         self.head = instantiate(head)
         num_classes = self.head.num_classes
@@ -101,23 +100,28 @@ class ArcFaceModule(L.LightningModule):
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        embeddings = self._evaluate(batch, "test", self.test_acc, self.test_acc_margin)
-        self._test_embeddings.append(embeddings.detach())
-        self._test_labels.append(batch[1])
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Loader 0: the test set (accuracy, loss, embeddings). Loader 1, in the open-set protocol: images of classes
+        the head never saw, whose embeddings only feed the openset/* retrieval and verification metrics."""
+        if dataloader_idx == 0:
+            embeddings = self._evaluate(batch, "test", self.test_acc, self.test_acc_margin)
+        else:
+            embeddings = self.backbone(batch[0])
+        self._test_embeddings.setdefault(dataloader_idx, []).append((embeddings.detach(), batch[1]))
 
     def on_test_epoch_start(self) -> None:
         self._test_embeddings.clear()
-        self._test_labels.clear()
 
     def on_test_epoch_end(self) -> None:
-        """Retrieval and verification on the whole test set's embeddings (gathered from every rank)."""
-        embeddings, labels = torch.cat(self._test_embeddings), torch.cat(self._test_labels)
-        if self.trainer.world_size > 1:  # DistributedSampler gives every rank the same number of samples
-            embeddings, labels = self.all_gather(embeddings).flatten(0, 1), self.all_gather(labels).flatten(0, 1)
-        metrics = embedding_metrics(embeddings.cpu(), labels.cpu(), max_pairs=self.hparams.max_pairs)
-        self.log_dict({f"test/{name}": value for name, value in metrics.items()})
-        self.on_test_epoch_start()  # free the memory
+        """Retrieval and verification on each test loader's embeddings (gathered from every rank)."""
+        for dataloader_idx, batches in sorted(self._test_embeddings.items()):
+            embeddings, labels = (torch.cat(parts) for parts in zip(*batches, strict=True))
+            if self.trainer.world_size > 1:  # DistributedSampler gives every rank the same number of samples
+                embeddings, labels = self.all_gather(embeddings).flatten(0, 1), self.all_gather(labels).flatten(0, 1)
+            metrics = embedding_metrics(embeddings.cpu(), labels.cpu(), max_pairs=self.hparams.max_pairs)
+            stage = "test" if dataloader_idx == 0 else "openset"
+            self.log_dict({f"{stage}/{name}": value for name, value in metrics.items()}, add_dataloader_idx=False)
+        self._test_embeddings.clear()  # free the memory
 
     def _evaluate(
         self,
@@ -129,9 +133,9 @@ class ArcFaceModule(L.LightningModule):
         loss, preds, margin_preds, labels, embeddings = self._step(batch)
         acc(preds, labels)
         acc_margin(margin_preds, labels)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
-        self.log(f"{stage}/acc", acc, prog_bar=True)
-        self.log(f"{stage}/acc_margin", acc_margin)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, add_dataloader_idx=False)
+        self.log(f"{stage}/acc", acc, prog_bar=True, add_dataloader_idx=False)
+        self.log(f"{stage}/acc_margin", acc_margin, add_dataloader_idx=False)
         return embeddings
 
     def configure_optimizers(self) -> Any:

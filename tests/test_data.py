@@ -117,3 +117,57 @@ def test_config_must_match_the_files(mnist_root: Path) -> None:
 def test_bad_arguments_raise_at_construction(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ImageDataModule(**kwargs)
+
+
+def labels_of(dataset) -> list[int]:
+    return [int(label) for _, label in dataset]
+
+
+def test_open_set_split_keeps_unseen_classes_out_of_training(mnist_root: Path) -> None:
+    dm = ImageDataModule(
+        data_dir=str(mnist_root),
+        download=False,
+        val_size=50,
+        num_classes=3,
+        train_classes=[7, 2, 5],
+        open_classes=[0, 9],
+    )
+    dm.setup()
+    # training and validation see only 7, 2, 5 — relabelled 0, 1, 2 for the 3-class head
+    assert len(dm.train_set) + len(dm.val_set) == 180 and set(labels_of(dm.train_set)) == {0, 1, 2}
+    assert set(labels_of(dm.val_set)) <= {0, 1, 2}
+    raw = dm.train_set.dataset.dataset.targets  # Subset (split) of Subset (classes) of MNIST
+    kept = [dm.train_set.dataset.indices[i] for i in dm.train_set.indices]
+    assert set(raw[kept].tolist()) == {7, 2, 5}
+    assert set(labels_of(dm.test_set)) == {0, 1, 2} and len(dm.test_set) == 60
+    assert set(labels_of(dm.open_set)) == {0, 9} and len(dm.open_set) == 40  # original ids, unseen classes only
+    closed, open_ = dm.test_dataloader()
+    assert len(closed.dataset) == 60 and len(open_.dataset) == 40
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"train_classes": [0, 1], "open_classes": [1, 2], "num_classes": 2},
+            r"share \[1\]; open classes must be unseen",
+        ),
+        ({"train_classes": [], "num_classes": 0}, r"data.train_classes=\[\] must be a non-empty list"),
+        (
+            {"train_classes": [0, 1], "open_classes": [], "num_classes": 2},
+            r"data.open_classes=\[\] must be a non-empty",
+        ),
+        ({"train_classes": [0, 0], "num_classes": 2}, r"distinct class ids"),
+        ({"train_classes": [0, 1, 2], "num_classes": 10}, r"data.num_classes=10 but data.train_classes has 3"),
+        ({"open_classes": [5]}, r"data.open_classes needs data.train_classes"),
+    ],
+)
+def test_bad_class_splits_raise_at_construction(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ImageDataModule(**kwargs)
+
+
+def test_a_class_the_dataset_lacks_is_one_clear_error(mnist_root: Path) -> None:
+    dm = ImageDataModule(data_dir=str(mnist_root), download=False, num_classes=2, train_classes=[3, 12])
+    with pytest.raises(DataError, match=r"^class 12 is not in MNIST \(classes 0..9\)$"):
+        dm.setup("fit")

@@ -11,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from arcface_lightning.module import DivergedError
-from arcface_lightning.train import ConfigError, run, train
+from arcface_lightning.train import ConfigError, build, run, train
 from conftest import ROOT, TINY, cifar10_checksums, cli, write_cifar10
 
 
@@ -211,3 +211,12 @@ def test_nan_loss_stops_training_at_once_as_diverged(make_cfg, tmp_path: Path) -
     assert record["status"] == "diverged"
     assert record["error"].startswith("diverged: train/loss is nan at epoch 0, step ")
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped within the first epoch: nothing saved
+
+
+def test_open_set_experiment_reports_unseen_class_retrieval(make_cfg) -> None:
+    cfg = make_cfg("experiment=mnist_openset", "data.val_size=50", "trainer.max_epochs=2")
+    assert build(cfg)[1].head.num_classes == 5
+    metrics = train(cfg)
+    for name in ("precision_at_1", "map_at_r", "verification_auc", "tar_at_far_1e-3"):
+        assert 0.0 <= metrics[f"openset/{name}"] <= 1.0 and f"test/{name}" in metrics
+    assert metrics["openset/precision_at_1"] > 0.5  # unseen digits still cluster (synthetic classes are easy)
