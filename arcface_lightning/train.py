@@ -197,6 +197,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(logger, TensorBoardLogger):
             shown = {k: v for k, v in metrics.items() if k in ("val/acc_best", "test/acc", "test/acc_margin")}
             logger.log_hyperparams(hparams_for_tensorboard(cfg), metrics=shown, step=trainer.global_step)
+            logger.finalize("success")  # flush now: readers (tests, TensorBoard) must not wait for the writer thread
     return {**metrics, "epochs": trainer.current_epoch, "best_checkpoint": best, "world_size": trainer.world_size}
 
 
