@@ -4,10 +4,12 @@
     python -m arcface_lightning.train experiment=seed_mnist            # the seed script's recipe, measured right
     python -m arcface_lightning.train head.s=16 head.m=0.3 embedding_size=64 trainer.max_epochs=5
     python -m arcface_lightning.train head=cosface data=fashion_mnist data.batch_size=128 seed=1
-    python -m arcface_lightning.train ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume
+    python -m arcface_lightning.train hydra.run.dir=logs/train/runs/<run> ckpt_path=last   # resume that run
+    python -m arcface_lightning.train -m head.s=8,16,32 head.m=0.1,0.3,0.5               # sweep (+ report)
+    python -m arcface_lightning.train trainer=ddp_cpu                                     # DDP, 2 CPU processes
     python -m arcface_lightning.train --cfg job                        # print the composed config, run nothing
 
-Outputs go to the Hydra run dir (logs/<task_name>/runs/<time>/): .hydra/ (config, overrides), tensorboard/,
+Outputs go to the Hydra run dir (logs/<task_name>/runs/<time>_<pid>/): .hydra/ (config, overrides), tensorboard/,
 checkpoints/ (last.ckpt and the best by val/acc), metrics.json.
 """
 
