@@ -8,15 +8,18 @@ logged beside it only so the two can be compared; never select or report models 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from arcface_lightning.figures import angle_figure, class_angles, sphere_figure
 from arcface_lightning.metrics import embedding_metrics
 
 
@@ -38,6 +41,9 @@ class ArcFaceModule(L.LightningModule):
         scheduler: None, or Lightning's lr-scheduler dict whose `scheduler` is a partial config; a `total_steps: null`
             in it is filled with the trainer's estimated number of optimizer steps (for OneCycleLR).
         max_pairs: verification pairs sampled at test time (see metrics.py) when the test set has more.
+        figures: with a TensorBoard logger, each validation epoch logs the angle figure and histograms
+            (figures.py), and the test logs up to `projector_samples` embeddings with thumbnails for the PROJECTOR
+            tab, plus the circle/sphere figure (also sphere.png in the run dir) when embeddings are 2-D or 3-D.
     """
 
     def __init__(
@@ -47,10 +53,14 @@ class ArcFaceModule(L.LightningModule):
         optimizer: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         max_pairs: int = 200_000,
+        figures: bool = True,
+        projector_samples: int = 2000,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self._test_embeddings: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per test loader
+        self._val_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._thumbnails: list[torch.Tensor] = []
         self.backbone = instantiate(backbone)
         self.head = instantiate(head)
         num_classes = self.head.num_classes
@@ -92,11 +102,29 @@ class ArcFaceModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_acc, self.val_acc_margin)
+        embeddings = self._evaluate(batch, "val", self.val_acc, self.val_acc_margin)
+        if self._tensorboard() is not None:
+            self._val_embeddings.append((embeddings.detach().cpu(), batch[1].cpu()))
+
+    def _tensorboard(self) -> Any:
+        """The TensorBoard SummaryWriter when figures are on and this rank writes logs, else None."""
+        if not self.hparams.figures or self.global_rank != 0:
+            return None
+        return next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+    def _log_angles(self, writer: Any, stage: str, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        centres = self.head.weight.detach().float().cpu()
+        writer.add_figure(f"{stage}/angles", angle_figure(embeddings, labels, centres), self.global_step)
+        own, nearest_other = class_angles(embeddings, labels, centres)
+        writer.add_histogram(f"{stage}/angle_to_own_centre", own, self.global_step)
+        writer.add_histogram(f"{stage}/angle_to_nearest_other_centre", nearest_other, self.global_step)
 
     def on_validation_epoch_end(self) -> None:
+        batches, self._val_embeddings = self._val_embeddings, []
         if self.trainer.sanity_checking:  # the sanity check's two batches are no epoch
             return
+        if batches and (writer := self._tensorboard()) is not None:  # rank zero's shard under DDP
+            self._log_angles(writer, "val", *(torch.cat(parts) for parts in zip(*batches, strict=True)))
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
@@ -105,12 +133,15 @@ class ArcFaceModule(L.LightningModule):
         the head never saw, whose embeddings only feed the openset/* retrieval and verification metrics."""
         if dataloader_idx == 0:
             embeddings = self._evaluate(batch, "test", self.test_acc, self.test_acc_margin)
+            if sum(len(t) for t in self._thumbnails) < self.hparams.projector_samples:
+                self._thumbnails.append(batch[0].detach().cpu())
         else:
             embeddings = self.backbone(batch[0])
         self._test_embeddings.setdefault(dataloader_idx, []).append((embeddings.detach(), batch[1]))
 
     def on_test_epoch_start(self) -> None:
         self._test_embeddings.clear()
+        self._thumbnails.clear()
 
     def on_test_epoch_end(self) -> None:
         """Retrieval and verification on each test loader's embeddings (gathered from every rank)."""
@@ -121,7 +152,29 @@ class ArcFaceModule(L.LightningModule):
             metrics = embedding_metrics(embeddings.cpu(), labels.cpu(), max_pairs=self.hparams.max_pairs)
             stage = "test" if dataloader_idx == 0 else "openset"
             self.log_dict({f"{stage}/{name}": value for name, value in metrics.items()}, add_dataloader_idx=False)
+            if dataloader_idx == 0 and (writer := self._tensorboard()) is not None:
+                self._log_test_figures(writer, embeddings.cpu(), labels.cpu())
         self._test_embeddings.clear()  # free the memory
+        self._thumbnails.clear()
+
+    def _log_test_figures(self, writer: Any, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        n = min(self.hparams.projector_samples, len(embeddings))
+        images = torch.cat(self._thumbnails)[:n].float()
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        high = images.amax(dim=(1, 2, 3), keepdim=True)
+        thumbnails = (images - low) / (high - low).clamp_min(1e-8)  # each image to [0, 1] for the sprite
+        writer.add_embedding(
+            embeddings[:n],
+            metadata=labels[:n].tolist(),
+            label_img=thumbnails,
+            global_step=self.global_step,
+            tag="test/embeddings",
+        )
+        self._log_angles(writer, "test", embeddings, labels)
+        if embeddings.shape[1] in (2, 3):
+            figure = sphere_figure(embeddings, labels, self.head.weight.detach().float().cpu())
+            figure.savefig(Path(self.trainer.default_root_dir) / "sphere.png")
+            writer.add_figure("test/sphere", figure, self.global_step)
 
     def _evaluate(
         self,

@@ -152,6 +152,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trai
         head=plain(cfg.head),
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler),
+        **plain(cfg.get("evaluation") or {}),
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]

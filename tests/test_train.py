@@ -56,6 +56,13 @@ def test_short_run_writes_metrics_checkpoints_and_tensorboard(make_cfg, tmp_path
     assert {"val/acc", "val/acc_best", "train/loss", "train/loss_step", "test/acc", "test/acc_margin"} <= tags
     assert len(events.Scalars("val/acc")) == 2  # one point per epoch
     assert events.PluginTagToContent("hparams")  # the HPARAMS tab has this run
+    assert {"val/angles", "test/angles"} <= set(events.Tags()["images"])  # the angle figure, each epoch and at test
+    assert {"val/angle_to_own_centre", "val/angle_to_nearest_other_centre"} <= set(events.Tags()["histograms"])
+    projector = (run_dir / "tensorboard" / "projector_config.pbtxt").read_text()
+    assert "test/embeddings" in projector and "sprite.png" in projector
+    (sprite,) = (run_dir / "tensorboard").rglob("sprite.png")
+    metadata = (sprite.parent / "metadata.tsv").read_text().split()
+    assert len(metadata) == 200 and set(metadata) == {str(c) for c in range(10)}  # all 200 test images, labelled
 
 
 def test_resume_from_last_checkpoint_continues_at_the_next_epoch(make_cfg, tmp_path: Path) -> None:
@@ -220,3 +227,12 @@ def test_open_set_experiment_reports_unseen_class_retrieval(make_cfg) -> None:
     for name in ("precision_at_1", "map_at_r", "verification_auc", "tar_at_far_1e-3"):
         assert 0.0 <= metrics[f"openset/{name}"] <= 1.0 and f"test/{name}" in metrics
     assert metrics["openset/precision_at_1"] > 0.5  # unseen digits still cluster (synthetic classes are easy)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_low_dimensional_embeddings_get_the_circle_or_sphere_figure(make_cfg, tmp_path: Path, size: int) -> None:
+    run(train, make_cfg(f"embedding_size={size}", "head.s=10", "head.m=0.2", "evaluation.projector_samples=50"))
+    figure = (tmp_path / "run" / "sphere.png").read_bytes()
+    assert figure.startswith(b"\x89PNG") and len(figure) > 10_000
+    (metadata,) = (tmp_path / "run" / "tensorboard").rglob("metadata.tsv")
+    assert len(metadata.read_text().split()) == 50  # the projector keeps evaluation.projector_samples
