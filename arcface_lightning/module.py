@@ -158,8 +158,9 @@ class ArcFaceModule(L.LightningModule):
         self._thumbnails.clear()
 
     def _log_test_figures(self, writer: Any, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        n = min(self.hparams.projector_samples, len(embeddings))
-        images = torch.cat(self._thumbnails)[:n].float()
+        images = torch.cat(self._thumbnails).float()  # rank zero's, which lead the gathered embeddings under DDP
+        n = min(self.hparams.projector_samples, len(images))
+        images = images[:n]
         low = images.amin(dim=(1, 2, 3), keepdim=True)
         high = images.amax(dim=(1, 2, 3), keepdim=True)
         thumbnails = (images - low) / (high - low).clamp_min(1e-8)  # each image to [0, 1] for the sprite
