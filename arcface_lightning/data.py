@@ -87,7 +87,7 @@ class ImageDataModule(L.LightningDataModule):
                 DATASETS[self.hparams.dataset](str(self.root), train=train, download=True)
             except Exception as error:  # network errors come as URLError, HTTPError, OSError or RuntimeError
                 raise DataError(
-                    f"could not download {self.hparams.dataset} into {self.folder}: {_first_line(error)}. "
+                    f"could not download {self.hparams.dataset} into {self.folder}: {first_line(error)}. "
                     f"Without network, copy the files there and set data.download=false, "
                     f"or set paths.data_dir=<folder that has them>"
                 ) from error
@@ -130,7 +130,7 @@ class ImageDataModule(L.LightningDataModule):
                     f"set paths.data_dir=<folder that holds {self.folder.relative_to(self.root)}> or data.download=true"
                 )
             else:
-                state = f"unreadable ({_first_line(error)})"
+                state = f"unreadable ({first_line(error)})"
                 fix = "delete those files and set data.download=true, or set paths.data_dir=<folder with good copies>"
             raise DataError(f"{name} {split} set {state} in {self.folder}; {fix}") from error
         if self.hparams.train_classes is None and len(dataset.classes) != self.hparams.num_classes:
@@ -200,6 +200,7 @@ def check_class_split(train_classes: list[int] | None, open_classes: list[int] |
         raise ValueError(f"data.train_classes and data.open_classes share {shared}; open classes must be unseen")
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type when the message is empty)."""
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]

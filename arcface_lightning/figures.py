@@ -29,8 +29,8 @@ def class_angles(embeddings: torch.Tensor, labels: torch.Tensor, centres: torch.
     return torch.rad2deg(torch.acos(own)), torch.rad2deg(torch.acos(others))
 
 
-def angle_figure(embeddings: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, title: str = "") -> Figure:
-    own, nearest_other = class_angles(embeddings, labels, centres)
+def angle_figure(own: torch.Tensor, nearest_other: torch.Tensor, centres: torch.Tensor, title: str = "") -> Figure:
+    """Histograms of `class_angles`' two outputs, beside the angles between the class centres."""
     between = torch.rad2deg(torch.acos(cosine_similarity(centres, centres).clamp(-1, 1)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     bins = torch.linspace(0, 180, 91).tolist()

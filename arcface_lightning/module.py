@@ -114,8 +114,8 @@ class ArcFaceModule(L.LightningModule):
 
     def _log_angles(self, writer: Any, stage: str, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         centres = self.head.weight.detach().float().cpu()
-        writer.add_figure(f"{stage}/angles", angle_figure(embeddings, labels, centres), self.global_step)
         own, nearest_other = class_angles(embeddings, labels, centres)
+        writer.add_figure(f"{stage}/angles", angle_figure(own, nearest_other, centres), self.global_step)
         writer.add_histogram(f"{stage}/angle_to_own_centre", own, self.global_step)
         writer.add_histogram(f"{stage}/angle_to_nearest_other_centre", nearest_other, self.global_step)
 

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -127,13 +128,19 @@ def cell_label(entry: Row | None, rows_at_cell: list[Row]) -> str:
     return text + (f"\n{entry['failed']} failed" if entry["failed"] else "")
 
 
-def plot_grid(path: Path, rows: list[Row], title: str) -> None:
-    """test/acc over s (rows) × m (columns): mean over seeds, ± std in each cell, ★ = best mean val/acc_best."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, imported only when a figure is drawn (not by the Hydra callback)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+
+    return plt
+
+
+def plot_grid(path: Path, rows: list[Row], title: str) -> None:
+    """test/acc over s (rows) × m (columns): mean over seeds, ± std in each cell, ★ = best mean val/acc_best."""
+    plt = pyplot()
 
     s_values = sorted({r[S] for r in rows})
     m_values = sorted({r[M] for r in rows})
@@ -172,10 +179,7 @@ def plot_grid(path: Path, rows: list[Row], title: str) -> None:
 
 def plot_scatter(path: Path, rows: list[Row], title: str) -> None:
     """For s, m that do not form a grid (Optuna): each job a point at (s, m), coloured by test/acc."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ok = [r for r in rows if r.get("status") == "ok" and r.get("test/acc") is not None]
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)

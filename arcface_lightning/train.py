@@ -41,7 +41,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from arcface_lightning.data import DataError
+from arcface_lightning.data import DataError, first_line
 from arcface_lightning.module import ArcFaceModule, DivergedError
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ def one_line(error: BaseException) -> str:
     """The message a user needs: the root cause of Hydra's wrapped instantiation errors, first line only."""
     while isinstance(error, InstantiationException) and error.__cause__ is not None:
         error = error.__cause__
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    return first_line(error)
 
 
 def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
