@@ -2,15 +2,31 @@
 
 The official training set is split into train/validation with a seeded generator (MNIST: 55,000/5,000), so model
 selection never sees the test set; the official test set is used once, at the end.
+
+Two pipelines serve the same samples in the same order (same split, same sampler):
+
+- `pipeline=tensor` (default, fast): torchvision reads (or downloads) the files once; the whole set is kept as one
+  uint8 tensor (60,000 MNIST images are 47 MB), batches are index lookups, and scaling, normalisation and
+  augmentation run as batched tensor ops on the training device (`on_after_batch_transfer`). With
+  `on_device=true` the uint8 set itself lives on the GPU, so no batch ever crosses the bus.
+- `pipeline=torchvision`: the classic per-sample path (PIL image → ToTensor → Normalize → torchvision's random
+  transforms) through the DataLoader, e.g. for workers or a dataset without a `.data` array.
+
+Both give bit-identical batches without augmentation (a test checks it). Augmentation draws its random parameters
+per sample in both, from different generators: same distribution, different draws. The tensor pipeline seeds its
+generator with (shuffle_seed, epoch, rank), so a resumed run augments exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, random_split
 from torchvision import datasets, transforms
 
@@ -20,6 +36,8 @@ DATASETS: dict[str, type[datasets.VisionDataset]] = {
     "KMNIST": datasets.KMNIST,
     "CIFAR10": datasets.CIFAR10,
 }
+PIPELINES = ("tensor", "torchvision")
+AUGMENTATIONS = ("affine", "crop_flip")
 
 
 class DataError(RuntimeError):
@@ -49,10 +67,28 @@ class ImageDataModule(L.LightningDataModule):
         std: tuple[float, ...] = (0.3081,),
         num_workers: int = 0,
         pin_memory: bool = False,
+        pipeline: str = "tensor",
+        on_device: bool = False,
+        augment: str | None = None,
+        degrees: float = 10.0,
+        translate: float = 0.1,
+        scale: tuple[float, float] = (0.9, 1.1),
+        crop_padding: int = 4,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"data.dataset={dataset!r} is not supported; allowed: {', '.join(DATASETS)}")
+        if pipeline not in PIPELINES:
+            raise ValueError(f"data.pipeline={pipeline!r} is not supported; allowed: {', '.join(PIPELINES)}")
+        if augment is not None and augment not in AUGMENTATIONS:
+            raise ValueError(f"data.augment={augment!r} is not supported; allowed: null, {', '.join(AUGMENTATIONS)}")
+        if on_device and (pipeline != "tensor" or num_workers):
+            raise ValueError("data.on_device=true needs data.pipeline=tensor and data.num_workers=0")
+        if not (0 <= degrees <= 180 and 0 <= translate < 1 and 0 < scale[0] <= scale[1] and crop_padding >= 0):
+            raise ValueError(
+                f"data augmentation settings out of range: degrees={degrees} (allowed 0..180), translate={translate} "
+                f"(0..<1), scale={list(scale)} (0 < low ≤ high), crop_padding={crop_padding} (≥ 0)"
+            )
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("val_size", val_size)):
             if int(value) != value or value < 1:
                 raise ValueError(f"data.{name}={value!r} is out of range; allowed: an integer ≥ 1")
@@ -61,14 +97,36 @@ class ImageDataModule(L.LightningDataModule):
         check_class_split(train_classes, open_classes, num_classes)
         self.save_hyperparameters()
         self.root = Path(data_dir).expanduser()
-        steps: list[Any] = [transforms.ToTensor()]
-        if normalize:
-            steps.append(transforms.Normalize(mean, std))
-        self.transform = transforms.Compose(steps)
+        self.transform = transforms.Compose(self._transforms(train=False))
+        self.train_transform = transforms.Compose(self._transforms(train=True))
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generator_epoch: int | None = None
+        self._fresh_seed = 0  # the drawn shuffle seed when shuffle_seed is null
+        self._tensors: dict[int, TensorImages] = {}  # tensor pipeline: id(split) → its uint8 copy
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.open_set: Dataset | None = None  # test images of classes never trained on (open-set protocol)
+
+    def _transforms(self, train: bool) -> list[Any]:
+        """The torchvision pipeline's per-sample transforms (the tensor pipeline does the same in `prepare`)."""
+        hp = self.hparams
+        steps: list[Any] = []
+        if train and hp.augment == "affine":
+            steps.append(
+                transforms.RandomAffine(
+                    hp.degrees,
+                    translate=(hp.translate, hp.translate),
+                    scale=tuple(hp.scale),
+                    interpolation=transforms.InterpolationMode.BILINEAR,
+                )
+            )
+        elif train and hp.augment == "crop_flip":
+            steps += [transforms.RandomCrop(hp.image_size, padding=hp.crop_padding), transforms.RandomHorizontalFlip()]
+        steps.append(transforms.ToTensor())
+        if hp.normalize:
+            steps.append(transforms.Normalize(hp.mean, hp.std))
+        return steps
 
     @property
     def folder(self) -> Path:
@@ -100,10 +158,57 @@ class ImageDataModule(L.LightningDataModule):
                 raise ValueError(f"data.val_size={val_size} leaves no training data; allowed: < {len(full)}")
             generator = torch.Generator().manual_seed(self.hparams.split_seed)
             self.train_set, self.val_set = random_split(full, [len(full) - val_size, val_size], generator=generator)
+            if self.hparams.augment and self.hparams.pipeline == "torchvision":  # the subsets share one dataset
+                self.train_set = with_transform(self.train_set, self.train_transform)
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = self._classes(self._load(train=False), self.hparams.train_classes)
             if self.hparams.open_classes:
                 self.open_set = self._classes(self._load(train=False), self.hparams.open_classes, relabel=False)
+
+    def _serve(self, dataset: Dataset) -> Dataset:
+        """What a loader iterates: the tensor pipeline's in-memory copy of `dataset` (made once), or `dataset`."""
+        if self.hparams.pipeline != "tensor":
+            return dataset
+        if id(dataset) not in self._tensors:
+            tensors = TensorImages.from_dataset(dataset)
+            if self.hparams.on_device and self.trainer is not None:
+                tensors = tensors.to(self.trainer.strategy.root_device)
+            self._tensors[id(dataset)] = tensors
+        return self._tensors[id(dataset)]
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Tensor pipeline: uint8 batches become normalised (and, in training, augmented) floats on the device."""
+        images, labels = batch
+        if images.dtype != torch.uint8:  # the torchvision pipeline's batches are ready
+            return batch
+        training = self.trainer is not None and self.trainer.training
+        return self.prepare(images, self._generator(images.device) if training else None), labels
+
+    def prepare(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 (batch, C, H, W) → float in [0, 1] → augmented (when a generator is given) → normalised."""
+        hp = self.hparams
+        images = images.float().div_(255)
+        if generator is not None and hp.augment == "affine":
+            images = random_affine(images, generator, hp.degrees, hp.translate, tuple(hp.scale))
+        elif generator is not None and hp.augment == "crop_flip":
+            images = random_crop_flip(images, generator, hp.crop_padding)
+        if hp.normalize:
+            mean = torch.tensor(hp.mean, device=images.device).view(1, -1, 1, 1)
+            std = torch.tensor(hp.std, device=images.device).view(1, -1, 1, 1)
+            images = images.sub_(mean).div_(std)
+        return images
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """Augmentation randomness, reseeded from (shuffle_seed, epoch, rank) at each epoch's first batch."""
+        epoch = self.trainer.current_epoch
+        if self._generator_epoch != epoch:
+            self._generators.clear()
+            self._generator_epoch = epoch
+        if device not in self._generators:
+            seed = self.hparams.shuffle_seed if self.hparams.shuffle_seed is not None else self._fresh_seed
+            mixed = (seed * 1_000_003 + epoch) * 1_009 + self.trainer.global_rank
+            self._generators[device] = torch.Generator(device).manual_seed(mixed % 2**63)
+        return self._generators[device]
 
     def _classes(self, dataset: Dataset, classes: list[int] | None, relabel: bool = True) -> Dataset:
         """The samples of `classes` only; with relabel, their labels become 0..len(classes)-1 (the head's)."""
@@ -145,6 +250,7 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
+        dataset = self._serve(dataset)
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
@@ -152,7 +258,8 @@ class ImageDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=self.hparams.pin_memory,
+            pin_memory=self.hparams.pin_memory and not self.hparams.on_device,
+            collate_fn=ready_batch if isinstance(dataset, TensorImages) else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -164,7 +271,7 @@ class ImageDataModule(L.LightningDataModule):
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         seed = self.hparams.shuffle_seed
         if seed is None:  # no run seed: a fresh order, still fixed per epoch within this run
-            seed = torch.randint(2**31 - 1, ()).item()
+            seed = self._fresh_seed = torch.randint(2**31 - 1, ()).item()
         sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
         return self._loader(self.train_set, self.hparams.batch_size, sampler)
 
@@ -175,6 +282,121 @@ class ImageDataModule(L.LightningDataModule):
         """The test set; with open_classes, also the open-set images as a second loader (dataloader_idx 1)."""
         closed = self._loader(self.test_set, self.hparams.eval_batch_size)
         return [closed, self._loader(self.open_set, self.hparams.eval_batch_size)] if self.open_set else closed
+
+
+class TensorImages(Dataset):
+    """A whole image set as one uint8 tensor (N, C, H, W) and its int64 labels; a batch is one index lookup.
+
+    DataLoader fetches batches through `__getitems__` (one fancy-indexing op instead of N `__getitem__` calls) and
+    `ready_batch` passes the result through, so samplers, DDP sharding and workers work as for any map dataset.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
+            raise ValueError(f"TensorImages needs uint8 (N, C, H, W) images and N labels, got {tuple(images.shape)}")
+        self.images, self.labels = images, labels
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset) -> TensorImages:
+        """The samples of a torchvision MNIST/CIFAR dataset (or nested Subsets of one), in the same order, with
+        its target_transform applied; read from its decoded `.data` array, not through PIL."""
+        indices = torch.arange(len(dataset))
+        while isinstance(dataset, Subset):
+            indices = torch.as_tensor(dataset.indices)[indices]
+            dataset = dataset.dataset
+        images = torch.as_tensor(dataset.data)[indices]
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # MNIST NHW, CIFAR NHWC
+        labels = torch.as_tensor(dataset.targets)[indices]
+        if dataset.target_transform is not None:
+            labels = torch.tensor([dataset.target_transform(int(t)) for t in labels])
+        return cls(images.contiguous(), labels.long())
+
+    def to(self, device: torch.device | str) -> TensorImages:
+        return TensorImages(self.images.to(device), self.labels.to(device))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, device=self.images.device)
+        return self.images[index], self.labels[index]
+
+
+def ready_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """collate_fn for TensorImages: `__getitems__` already returns the batch."""
+    return batch
+
+
+def random_affine(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    degrees: float,
+    translate: float,
+    scale: tuple[float, float],
+) -> torch.Tensor:
+    """Per-sample random rotation (±degrees), translation (± translate · side) and scale, bilinear, zero fill.
+
+    torchvision's RandomAffine with the same ranges, drawn per image but applied to the whole batch in one
+    grid_sample (torchvision's v2 transforms draw one set of parameters per call, i.e. per batch).
+    """
+    n = len(images)
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator, device=images.device)
+
+    angle = uniform(-degrees, degrees) * (math.pi / 180)
+    factor = uniform(*scale)
+    shift = uniform(-translate, translate), uniform(-translate, translate)
+    return _warp(images, angle, factor, shift, flip=torch.zeros(n, dtype=torch.bool, device=images.device))
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int) -> torch.Tensor:
+    """Per-sample random crop of the zero-padded image (shifts of -padding..padding pixels) and horizontal flip
+    with probability 1/2: torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, batched."""
+    n, _, height, width = images.shape
+    device = images.device
+    dx = torch.randint(-padding, padding + 1, (n,), generator=generator, device=device) / width
+    dy = torch.randint(-padding, padding + 1, (n,), generator=generator, device=device) / height
+    flip = torch.rand(n, generator=generator, device=device) < 0.5
+    ones = torch.ones(n, device=device)
+    return _warp(images, torch.zeros(n, device=device), ones, (dx, dy), flip, mode="nearest")
+
+
+def _warp(
+    images: torch.Tensor,
+    angle: torch.Tensor,
+    factor: torch.Tensor,
+    shift: tuple[torch.Tensor, torch.Tensor],
+    flip: torch.Tensor,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """Moves each image's content by (shift · side), rotates it by `angle` (radians, counter-clockwise as displayed,
+    torchvision's convention) and scales it by `factor` about the centre, after an optional horizontal flip.
+    affine_grid maps output to input coordinates, hence the inverse transform."""
+    cos, sin = torch.cos(angle) / factor, -torch.sin(angle) / factor  # minus: image rows grow downwards
+    mirror = 1.0 - 2.0 * flip.to(images.dtype)
+    dx, dy = shift[0] * 2, shift[1] * 2  # fractions of the side → normalised [-1, 1] coordinates
+    theta = torch.stack(
+        [
+            torch.stack([cos * mirror, sin * mirror, -(cos * dx + sin * dy) * mirror], 1),
+            torch.stack([-sin, cos, sin * dx - cos * dy], 1),
+        ],
+        1,
+    ).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def with_transform(dataset: Dataset, transform: Any) -> Dataset:
+    """The same samples with another per-sample transform (a shallow copy: the decoded arrays are shared)."""
+    if isinstance(dataset, Subset):
+        return Subset(with_transform(dataset.dataset, transform), dataset.indices)
+    clone = copy.copy(dataset)
+    clone.transform = transform
+    return clone
 
 
 class Relabel:

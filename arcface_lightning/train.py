@@ -35,6 +35,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -151,6 +152,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trai
         head=plain(cfg.head),
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler),
+        channels_last=cfg.get("channels_last", True),
         **plain(cfg.get("evaluation") or {}),
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -174,6 +176,9 @@ def hparams_for_tensorboard(cfg: DictConfig) -> dict[str, Any]:
     return params
 
 
+STAGES = {"fit": "train", "test": "test"}  # metrics.json name → Lightning Timer stage (fit's includes validation)
+
+
 def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if not k.endswith("_step")}
 
@@ -195,6 +200,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Test once, on the model selected by validation; with no checkpoint (fast_dev_run) the final weights.
     for results in trainer.test(model, datamodule=datamodule, ckpt_path=best or None):
         metrics.update(final_metrics(results))
+    if timer := next((c for c in trainer.callbacks if isinstance(c, Timer)), None):
+        metrics.update({f"time/{stage}_s": round(timer.time_elapsed(key), 3) for stage, key in STAGES.items()})
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             shown = {k: v for k, v in metrics.items() if k in ("val/acc_best", "test/acc", "test/acc_margin")}

@@ -141,3 +141,26 @@ def test_group_check_names_unknown_choices_and_leaves_hydra_groups_alone() -> No
     check_group_choices(["hydra/launcher=joblib", "hydra/sweeper=optuna", "head=arcface,cosface", "head.s=1", "-m"])
     with pytest.raises(SystemExit, match=r"^error: head=nope is not a config in conf/head/; allowed: arcface, "):
         check_group_choices(["head=arcface,nope"])
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_builds(experiment: str, tmp_path: Path) -> None:
+    cfg = compose_config(f"experiment={experiment}", f"paths.output_dir={tmp_path}")
+    _, model, _ = build(cfg)
+    images = torch.randn(4, cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size)
+    assert model(images).shape == (4, cfg.embedding_size) and model.head.num_classes == cfg.data.num_classes
+    assert cfg.task_name == experiment  # its runs go to logs/<experiment>/
+
+
+def test_recipes_are_what_their_comments_say() -> None:
+    fast = compose_config("experiment=mnist_fast")
+    assert fast.head._target_.endswith("ArcFaceHead") and fast.trainer.max_epochs <= 2 and fast.backbone.batch_norm
+    best = compose_config("experiment=mnist_best")
+    assert best.backbone.batch_norm and best.data.augment == "affine" and best.scheduler is not None
+    cifar = compose_config("experiment=cifar10_resnet")
+    assert cifar.backbone._target_.endswith("ResNet") and list(cifar.backbone.blocks) == [2, 2, 2, 2]
+    assert cifar.data.augment == "crop_flip" and cifar.optimizer._target_ == "torch.optim.SGD"
+    assert cifar.head._target_.endswith("ArcFaceHead")

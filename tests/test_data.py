@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from torchvision import datasets
+from torchvision import datasets, transforms
 
-from arcface_lightning.data import DataError, ImageDataModule
+from arcface_lightning.data import DataError, ImageDataModule, _warp, random_affine, random_crop_flip
 from conftest import write_mnist
 
 
@@ -21,6 +23,8 @@ def test_mnist_split_sizes_batches_and_normalisation(mnist_root: Path) -> None:
     dm.setup("test")
     assert len(dm.test_set) == 200
     images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (32, 1, 28, 28) and images.dtype == torch.uint8  # the tensor pipeline's raw batch
+    images, labels = dm.on_after_batch_transfer((images, labels), 0)  # what Lightning does on the device
     assert images.shape == (32, 1, 28, 28) and images.dtype == torch.float32 and labels.dtype == torch.int64
     assert images.min() < 0  # normalised with MNIST's mean and std
     images, _ = next(iter(dm.test_dataloader()))
@@ -69,8 +73,8 @@ def test_cifar10_format(cifar10_root: Path) -> None:
     )
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (400, 100, 100)
-    images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (16, 3, 32, 32) and labels.max() < 10
+    images, labels = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32 and labels.max() < 10
 
 
 def test_missing_data_names_the_folder_and_the_fix(tmp_path: Path) -> None:
@@ -143,6 +147,9 @@ def test_open_set_split_keeps_unseen_classes_out_of_training(mnist_root: Path) -
     assert set(labels_of(dm.open_set)) == {0, 9} and len(dm.open_set) == 40  # original ids, unseen classes only
     closed, open_ = dm.test_dataloader()
     assert len(closed.dataset) == 60 and len(open_.dataset) == 40
+    # the tensor pipeline serves the same samples with the same labels
+    for split, loader in ((dm.test_set, closed), (dm.open_set, open_)):
+        assert torch.cat([labels for _, labels in loader]).tolist() == labels_of(split)
 
 
 @pytest.mark.parametrize(
@@ -171,3 +178,110 @@ def test_a_class_the_dataset_lacks_is_one_clear_error(mnist_root: Path) -> None:
     dm = ImageDataModule(data_dir=str(mnist_root), download=False, num_classes=2, train_classes=[3, 12])
     with pytest.raises(DataError, match=r"^class 12 is not in MNIST \(classes 0..9\)$"):
         dm.setup("fit")
+
+
+def batches(dm: ImageDataModule, loader: str, count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first batches of a loader as the model receives them (after on_after_batch_transfer)."""
+    iterator = iter(getattr(dm, f"{loader}_dataloader")())
+    return [dm.on_after_batch_transfer(next(iterator), 0) for _ in range(count)]
+
+
+@pytest.mark.parametrize("dataset", ["MNIST", "CIFAR10"])
+def test_tensor_and_torchvision_pipelines_give_identical_batches(
+    dataset: str, mnist_root: Path, cifar10_root: Path
+) -> None:
+    settings = {"MNIST": {"data_dir": str(mnist_root)}, "CIFAR10": {"data_dir": str(cifar10_root), "in_channels": 3}}
+    extra = {"image_size": 32, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)} if dataset == "CIFAR10" else {}
+    kwargs = {"dataset": dataset, "download": False, "val_size": 100, "batch_size": 16, "eval_batch_size": 40}
+    modules = {
+        pipeline: ImageDataModule(pipeline=pipeline, shuffle_seed=3, **kwargs, **settings[dataset], **extra)
+        for pipeline in ("tensor", "torchvision")
+    }
+    for dm in modules.values():
+        dm.setup()
+    for loader in ("train", "val", "test"):
+        for (fast, fast_labels), (classic, classic_labels) in zip(
+            batches(modules["tensor"], loader), batches(modules["torchvision"], loader), strict=True
+        ):
+            assert fast.dtype == classic.dtype == torch.float32 and fast.shape == classic.shape
+            assert torch.equal(fast, classic) and torch.equal(fast_labels, classic_labels)
+
+
+def test_tensor_pipeline_loads_the_decoded_arrays_not_pil(mnist_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dm = ImageDataModule(data_dir=str(mnist_root), download=False, val_size=100)
+    dm.setup()
+    monkeypatch.setattr(datasets.MNIST, "__getitem__", lambda *_: pytest.fail("per-sample PIL path used"))
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.uint8 and len(labels) == 64
+
+
+def test_crop_flip_moves_whole_pixels_and_mirrors() -> None:
+    images = torch.rand(64, 3, 8, 8)
+    out = random_crop_flip(images, torch.Generator().manual_seed(0), padding=2)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    flips = 0
+    for image, result in zip(padded, out, strict=True):
+        crops = [image[:, i : i + 8, j : j + 8] for i in range(5) for j in range(5)]
+        plain = any(torch.equal(result, crop) for crop in crops)
+        mirrored = any(torch.equal(result, crop.flip(-1)) for crop in crops)
+        assert plain or mirrored  # exactly some padded crop of the input, possibly flipped
+        flips += mirrored and not plain
+    assert 16 < flips < 48  # about half are flipped
+
+
+def test_affine_with_no_range_is_the_identity_and_rotation_is_a_rotation() -> None:
+    images = torch.rand(4, 1, 12, 12)
+    same = random_affine(images, torch.Generator().manual_seed(0), degrees=0, translate=0, scale=(1.0, 1.0))
+    torch.testing.assert_close(same, images, atol=1e-5, rtol=0)
+    quarter = torch.full((4,), math.pi / 2)
+    no_flip = torch.zeros(4, dtype=torch.bool)
+    rotated = _warp(images, quarter, torch.ones(4), (torch.zeros(4), torch.zeros(4)), no_flip)
+    torch.testing.assert_close(rotated, images.rot90(1, (2, 3)), atol=1e-5, rtol=0)
+    shifted = _warp(images, torch.zeros(4), torch.ones(4), (torch.full((4,), 2 / 12), torch.zeros(4)), no_flip)
+    torch.testing.assert_close(shifted[..., 2:], images[..., :-2], atol=1e-5, rtol=0)  # content moves right
+    assert shifted[..., :2].abs().max() < 1e-6  # zero fill
+
+
+@pytest.mark.parametrize("augment", ["affine", "crop_flip"])
+def test_augmentation_only_in_training_and_seeded_per_epoch(mnist_root: Path, augment: str) -> None:
+    dm = ImageDataModule(data_dir=str(mnist_root), download=False, val_size=100, augment=augment, normalize=False)
+    dm.setup()
+    raw = next(iter(dm.train_dataloader()))
+    plain, _ = dm.on_after_batch_transfer(raw, 0)  # no trainer, or not training: no augmentation
+    torch.testing.assert_close(plain, raw[0].float() / 255)
+    trainer = SimpleNamespace(training=True, current_epoch=0, global_rank=0)
+    dm.trainer = trainer
+    first, _ = dm.on_after_batch_transfer(raw, 0)
+    second, _ = dm.on_after_batch_transfer(raw, 0)
+    assert not torch.equal(first, plain) and not torch.equal(first, second)  # fresh draws per batch
+    trainer.current_epoch = 1
+    dm.on_after_batch_transfer(raw, 0)
+    trainer.current_epoch = 0  # back to epoch 0 (a resumed run): the same draws again
+    assert torch.equal(dm.on_after_batch_transfer(raw, 0)[0], first)
+    assert 0 <= first.min() and first.max() <= 1
+
+
+def test_torchvision_pipeline_augments_the_training_split_only(mnist_root: Path) -> None:
+    dm = ImageDataModule(
+        data_dir=str(mnist_root), download=False, val_size=100, pipeline="torchvision", augment="affine"
+    )
+    dm.setup("fit")
+    assert any(isinstance(t, transforms.RandomAffine) for t in dm.train_set.dataset.transform.transforms)
+    assert not any(isinstance(t, transforms.RandomAffine) for t in dm.val_set.dataset.transform.transforms)
+    assert len(dm.train_set) == 500 and not set(dm.train_set.indices) & set(dm.val_set.indices)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"pipeline": "dali"}, r"data.pipeline='dali' is not supported; allowed: tensor, torchvision"),
+        ({"augment": "mixup"}, r"data.augment='mixup' is not supported; allowed: null, affine, crop_flip"),
+        ({"on_device": True, "pipeline": "torchvision"}, r"data.on_device=true needs data.pipeline=tensor"),
+        ({"on_device": True, "num_workers": 2}, r"and data.num_workers=0"),
+        ({"degrees": 200}, r"degrees=200 \(allowed 0..180\)"),
+        ({"scale": (1.2, 0.8)}, r"scale=\[1.2, 0.8\]"),
+    ],
+)
+def test_bad_pipeline_settings_raise_at_construction(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ImageDataModule(**kwargs)

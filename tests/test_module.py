@@ -30,7 +30,8 @@ def test_val_accuracy_is_argmax_of_cosine_and_acc_margin_is_the_seeds(make_cfg) 
     (logged,) = trainer.validate(model, datamodule=datamodule)
     correct = correct_margin = total = 0
     with torch.no_grad():
-        for images, labels in datamodule.val_dataloader():
+        for batch in datamodule.val_dataloader():
+            images, labels = datamodule.on_after_batch_transfer(batch, 0)  # uint8 → normalised floats
             embeddings = model(images)
             correct += (model.head.cosine(embeddings).argmax(1) == labels).sum().item()
             correct_margin += (model.head(embeddings, labels).argmax(1) == labels).sum().item()
@@ -70,3 +71,18 @@ def test_module_works_in_a_plain_trainer(make_cfg) -> None:
     trainer = L.Trainer(fast_dev_run=2, accelerator="cpu", enable_progress_bar=False, logger=False)
     trainer.fit(model, datamodule=instantiate(cfg.data))
     assert trainer.state.finished and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_channels_last_is_a_memory_layout_not_a_different_model() -> None:
+    config = {
+        "backbone": {"_target_": "arcface_lightning.backbones.SimpleCNN", "embedding_size": 8, "batch_norm": True},
+        "head": {"_target_": "arcface_lightning.heads.ArcFaceHead", "embedding_size": 8, "num_classes": 10},
+        "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True},
+    }
+    nhwc, nchw = ArcFaceModule(**config, channels_last=True), ArcFaceModule(**config, channels_last=False)
+    nchw.load_state_dict(nhwc.state_dict())  # the same parameters, either layout
+    assert nhwc.backbone.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert nchw.backbone.features[0].weight.is_contiguous()
+    images = torch.randn(16, 1, 28, 28)
+    nhwc.eval(), nchw.eval()
+    torch.testing.assert_close(nhwc(images), nchw(images), atol=1e-5, rtol=1e-4)  # float rounding only

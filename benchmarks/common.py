@@ -1,0 +1,56 @@
+"""Shared by the benchmark scripts: run the project's entry point as a user would and read its metrics.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir(path: str | None) -> str:
+    """The torchvision root holding MNIST/raw: --data-dir, else ARCFACE_DATA_DIR, else ../shared/data."""
+    root = path or os.environ.get("ARCFACE_DATA_DIR") or str(ROOT.parent / "shared" / "data")
+    if not (Path(root) / "MNIST" / "raw").is_dir():
+        raise SystemExit(f"error: no MNIST/raw under {root}; pass --data-dir or set ARCFACE_DATA_DIR")
+    return root
+
+
+def run_project(*overrides: str, data: str) -> dict:
+    """`python -m arcface_lightning.train <overrides>` in a fresh process; its metrics.json plus the process's own
+    wall time (start to exit, imports included) as `process_s`."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        args = [sys.executable, "-m", "arcface_lightning.train", *overrides]
+        args += [f"paths.data_dir={data}", "data.download=false", f"hydra.run.dir={run_dir}"]
+        start = time.perf_counter()
+        result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+        if result.returncode != 0:
+            raise SystemExit(f"error: {' '.join(args)} failed:\n{result.stderr[-2000:]}")
+        return {**json.loads((Path(run_dir) / "metrics.json").read_text()), "process_s": elapsed}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"

@@ -1,0 +1,157 @@
+"""One epoch of the seed script against one epoch of the project's `experiment=seed_mnist`, and Lightning's
+training throughput against a plain PyTorch loop over the project's own data path.
+
+Part 1 alternates, `--repeats` times: the seed script (benchmarks/seed_script.py, 1 epoch: training on 60,000 images
+plus its evaluation on the training and test sets) and the project (1 epoch: training on 55,000 images plus
+validation on 5,000, Lightning's Timer `time/fit_s`), each a fresh process. Prints every epoch time, the median
+ratio project ÷ seed, and both test accuracies (the project's is the argmax of the cosines; the seed's own number,
+margin applied, is shown beside its correct one).
+
+Part 2, in this process: the seed_mnist model trained by Lightning (the experiment's own trainer, callbacks and
+loggers) against the same model, data module and optimizer in a plain loop (`for batch in loader: ...`). Only
+training counts (validation is off in both); images/s and their ratio, alternating, `--repeats` times.
+
+    python benchmarks/seed_vs_project.py                      # real MNIST from ARCFACE_DATA_DIR
+    python benchmarks/seed_vs_project.py --repeats 5 --throughput-batches 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, data_dir, machine, median, run_project
+
+
+def seed_epoch(data: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "seed.json"
+        args = [sys.executable, str(ROOT / "benchmarks" / "seed_script.py"), "--data-dir", data, "--epochs", "1"]
+        subprocess.run([*args, "--json", str(out)], check=True, capture_output=True)
+        (record,) = json.loads(out.read_text())
+    return {"epoch_s": record["train_s"] + record["eval_s"], **record}
+
+
+def project_epoch(data: str) -> dict:
+    metrics = run_project("experiment=seed_mnist", "trainer.max_epochs=1", "evaluation.figures=false", data=data)
+    return {"epoch_s": metrics["time/fit_s"], **metrics}
+
+
+def throughput(data: str, repeats: int, batches: int) -> None:
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from arcface_lightning.train import CONF_DIR, build
+
+    class TrainingClock(L.Callback):
+        """Training time only: from the epoch's start to its last batch (validation is off)."""
+
+        def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            self.seconds = time.perf_counter() - self.start
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=seed_mnist",
+                f"paths.data_dir={data}",
+                "data.download=false",
+                "trainer.max_epochs=1",
+                f"trainer.limit_train_batches={batches}",
+                "trainer.limit_val_batches=0",
+                "evaluation.figures=false",
+                "~callbacks.model_checkpoint",  # monitors val/acc, which is off here
+            ],
+        )
+
+    def lightning_run() -> float:
+        with tempfile.TemporaryDirectory() as tmp, open_dict(cfg):
+            cfg.paths.output_dir = tmp
+            L.seed_everything(0, verbose=False)
+            datamodule, model, trainer = build(cfg)
+            clock = TrainingClock()
+            trainer.callbacks.append(clock)
+            trainer.fit(model, datamodule=datamodule)
+            return batches * cfg.data.batch_size / clock.seconds
+
+    def plain_run() -> float:
+        L.seed_everything(0, verbose=False)
+        datamodule = instantiate(cfg.data)
+        datamodule.setup("fit")
+        backbone, head = instantiate(cfg.backbone), instantiate(cfg.head)
+        optimizer = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=cfg.optimizer.lr)
+        start = time.perf_counter()
+        for i, batch in enumerate(datamodule.train_dataloader()):
+            if i == batches:
+                break
+            images, labels = datamodule.on_after_batch_transfer(batch, 0)
+            loss = F.cross_entropy(head(backbone(images), labels), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return batches * cfg.data.batch_size / (time.perf_counter() - start)
+
+    ratios = []
+    for repeat in range(repeats):
+        plain, lightning = plain_run(), lightning_run()
+        ratios.append(lightning / plain)
+        print(
+            f"throughput {repeat + 1}: plain loop {plain:.0f} img/s | Lightning {lightning:.0f} img/s | "
+            f"ratio {ratios[-1]:.3f}",
+            flush=True,
+        )
+    print(f"throughput ratio Lightning ÷ plain loop: median {median(ratios):.3f} over {repeats} (target ≥ 0.95)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=None, help="torchvision root with MNIST/raw (default ARCFACE_DATA_DIR)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--throughput-batches", type=int, default=300, help="training batches per throughput run")
+    parser.add_argument("--skip-epochs", action="store_true", help="only the throughput part")
+    args = parser.parse_args()
+    data = data_dir(args.data_dir)
+    print(f"machine: {machine()}; date {time.strftime('%Y-%m-%d')}", flush=True)
+    if not args.skip_epochs:
+        seed_times, project_times = [], []
+        for repeat in range(args.repeats):
+            runs = [("seed", seed_epoch), ("project", project_epoch)]
+            for name, run in runs if repeat % 2 == 0 else runs[::-1]:  # alternate who goes first
+                record = run(data)
+                (seed_times if name == "seed" else project_times).append(record["epoch_s"])
+                if name == "seed":
+                    print(
+                        f"seed    {repeat + 1}: epoch {record['epoch_s']:.1f} s (train {record['train_s']:.1f} + "
+                        f"eval {record['eval_s']:.1f}) | test acc {record['test_acc']:.4f} "
+                        f"(seed's own metric {record['test_acc_margin']:.4f})",
+                        flush=True,
+                    )
+                else:
+                    print(
+                        f"project {repeat + 1}: epoch {record['epoch_s']:.1f} s (train + validation) | test/acc "
+                        f"{record['test/acc']:.4f} | whole process {record['process_s']:.1f} s",
+                        flush=True,
+                    )
+        ratio = median(project_times) / median(seed_times)
+        print(
+            f"epoch time: seed median {median(seed_times):.1f} s, project median {median(project_times):.1f} s, "
+            f"ratio project ÷ seed {ratio:.3f} (target ≤ 0.5)",
+            flush=True,
+        )
+    throughput(data, args.repeats, args.throughput_batches)
+
+
+if __name__ == "__main__":
+    main()
