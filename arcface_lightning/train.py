@@ -176,9 +176,6 @@ def hparams_for_tensorboard(cfg: DictConfig) -> dict[str, Any]:
     return params
 
 
-STAGES = {"fit": "train", "test": "test"}  # metrics.json name → Lightning Timer stage (fit's includes validation)
-
-
 def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if not k.endswith("_step")}
 
@@ -196,12 +193,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = final_metrics(trainer.callback_metrics)
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is not None:  # now: loading the best checkpoint for the test restores its (earlier) training time
+        metrics["time/fit_s"] = round(timer.time_elapsed("train"), 3)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     # Test once, on the model selected by validation; with no checkpoint (fast_dev_run) the final weights.
     for results in trainer.test(model, datamodule=datamodule, ckpt_path=best or None):
         metrics.update(final_metrics(results))
-    if timer := next((c for c in trainer.callbacks if isinstance(c, Timer)), None):
-        metrics.update({f"time/{stage}_s": round(timer.time_elapsed(key), 3) for stage, key in STAGES.items()})
+    if timer is not None:
+        metrics["time/test_s"] = round(timer.time_elapsed("test"), 3)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             shown = {k: v for k, v in metrics.items() if k in ("val/acc_best", "test/acc", "test/acc_margin")}

@@ -90,14 +90,17 @@ def throughput(data: str, repeats: int, batches: int) -> None:
         L.seed_everything(0, verbose=False)
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")
-        backbone, head = instantiate(cfg.backbone), instantiate(cfg.head)
-        optimizer = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=cfg.optimizer.lr)
+        with tempfile.TemporaryDirectory() as tmp, open_dict(cfg):
+            cfg.paths.output_dir = tmp
+            _, model, _ = build(cfg)  # the same model (channels_last included), used as a plain nn.Module
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr)
         start = time.perf_counter()
         for i, batch in enumerate(datamodule.train_dataloader()):
             if i == batches:
                 break
             images, labels = datamodule.on_after_batch_transfer(batch, 0)
-            loss = F.cross_entropy(head(backbone(images), labels), labels)
+            loss = F.cross_entropy(model.head(model(images), labels), labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
