@@ -1,0 +1,158 @@
+"""The notebooks, executed top to bottom by nbclient as Jupyter would run them (kernel python3, cwd notebooks/).
+
+Each run executes an in-memory copy, so the committed files keep no outputs. On synthetic data the notebooks use
+their tiny settings (ARCFACE_NOTEBOOK_QUICK=1) and take seconds; the `real_data` test runs them as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from arcface_lightning.train import run, train
+from conftest import ROOT, write_mnist
+
+NOTEBOOKS = ROOT / "notebooks"
+DATA_DIR = os.environ.get("ARCFACE_DATA_DIR", "")
+HAS_MNIST = bool(DATA_DIR) and (Path(DATA_DIR) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+NUMBER_LINE = re.compile(r"^(\S+)((?:\s+-?\d+\.\d+)+)$")  # "name  0.9876  0.5432": the notebooks' metric tables
+
+
+def execute(name: str, monkeypatch: pytest.MonkeyPatch, **env: str | Path) -> nbformat.NotebookNode:
+    """Run notebooks/<name> in a fresh kernel with `env` set; a failing cell raises CellExecutionError."""
+    for key in ("ARCFACE_CKPT", "ARCFACE_NOTEBOOK_QUICK"):  # none from the shell: the test says what it runs
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    # the kernel imports arcface_lightning from this checkout, whatever the installed copy (as conftest.cli does)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = NotebookClient(
+        notebook, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
+    client.execute()
+    return notebook
+
+
+def code_outputs(notebook: nbformat.NotebookNode) -> list[list[dict]]:
+    return [cell.outputs for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def printed(notebook: nbformat.NotebookNode) -> str:
+    """Everything the notebook printed to stdout."""
+    outputs = [o for cell in code_outputs(notebook) for o in cell]
+    return "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
+
+
+def numbers(notebook: nbformat.NotebookNode) -> dict[str, list[float]]:
+    """The notebook's printed metric tables: name → the numbers on its line."""
+    rows = (NUMBER_LINE.match(line.strip()) for line in printed(notebook).splitlines())
+    return {row[1]: [float(v) for v in row[2].split()] for row in rows if row}
+
+
+def figures(notebook: nbformat.NotebookNode) -> int:
+    """The number of code cells that show an image."""
+    return sum(any("image/png" in o.get("data", {}) for o in cell) for cell in code_outputs(notebook))
+
+
+def only(paths: list[Path]) -> Path:
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def check_quickstart(notebook: nbformat.NotebookNode, out: Path) -> dict:
+    """The run's metrics.json agrees with what the notebook printed; returns it."""
+    written = json.loads(only(list(out.glob("01_quickstart/*/metrics.json"))).read_text())
+    assert written["status"] == "ok" and Path(written["best_checkpoint"]).is_file()
+    shown = numbers(notebook)
+    for key in ("val/acc_best", "test/acc", "test/acc_margin", "test/precision_at_1", "test/verification_auc"):
+        assert 0.0 <= shown[key][0] <= 1.0, key
+        assert shown[key][0] == pytest.approx(written[key], abs=5e-5), key  # printed with 4 decimals
+    assert figures(notebook) == 1  # test/acc against test/acc_margin
+    return written
+
+
+def check_embeddings(notebook: nbformat.NotebookNode, metrics: dict, sphere: bool) -> dict[str, list[float]]:
+    """Printed numbers in range and equal to what the run that wrote the checkpoint measured at test (the notebook
+    embeds the same images through the same data pipeline); one figure per section that has one."""
+    shown = numbers(notebook)
+    stages = ["test", "openset"] if "openset/map_at_r" in metrics else ["test"]  # seen classes, then unseen ones
+    assert 0.0 <= shown["test/acc"][0] <= 1.0
+    assert shown["test/acc"][0] == pytest.approx(metrics["test/acc"], abs=5e-5)  # printed with 4 decimals
+    for key in ("precision_at_1", "map_at_r", "verification_auc", "tar_at_far_1e-3", "verification_acc"):
+        assert all(0.0 <= v <= 1.0 for v in shown[key]), key
+        assert shown[key] == pytest.approx([metrics[f"{stage}/{key}"] for stage in stages], abs=5e-5), key
+    assert figures(notebook) == (3 if sphere else 2)  # angles, (sphere), ROC
+    return shown
+
+
+def test_committed_notebooks_have_no_outputs() -> None:
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        notebook = nbformat.read(path, as_version=4)
+        nbformat.validate(notebook)
+        for cell in notebook.cells:
+            if cell.cell_type == "code":
+                assert cell.execution_count is None and cell.outputs == [], f"{path.name}: clear the outputs"
+
+
+def test_quickstart_on_synthetic_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, out = write_mnist(tmp_path / "data"), tmp_path / "out"
+    committed = (NOTEBOOKS / "01_quickstart.ipynb").read_bytes()
+    notebook = execute(
+        "01_quickstart.ipynb", monkeypatch, ARCFACE_DATA_DIR=data, ARCFACE_NOTEBOOK_QUICK=1, ARCFACE_NOTEBOOK_OUT=out
+    )
+    written = check_quickstart(notebook, out)
+    assert written["epochs"] == 1 and written["test/acc"] > 0.5  # learned something (chance: 0.1)
+    assert (NOTEBOOKS / "01_quickstart.ipynb").read_bytes() == committed
+
+
+def test_embeddings_trains_its_own_open_set_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, out = write_mnist(tmp_path / "data"), tmp_path / "out"
+    notebook = execute(
+        "02_embeddings.ipynb", monkeypatch, ARCFACE_DATA_DIR=data, ARCFACE_NOTEBOOK_QUICK=1, ARCFACE_NOTEBOOK_OUT=out
+    )
+    written = json.loads(only(list(out.glob("02_embeddings/*/metrics.json"))).read_text())  # trained here
+    check_embeddings(notebook, written, sphere=True)
+    assert "open classes [5, 6, 7, 8, 9]" in printed(notebook)
+    assert "openset/map_at_r" in written
+
+
+def test_embeddings_of_a_given_checkpoint(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ARCFACE_CKPT: no training; a 16-D, 10-class model has no sphere figure and no open set."""
+    record = run(train, make_cfg("logger=csv"))
+    notebook = execute(
+        "02_embeddings.ipynb",
+        monkeypatch,
+        ARCFACE_DATA_DIR=tmp_path / "data",
+        ARCFACE_CKPT=record["best_checkpoint"],
+        ARCFACE_NOTEBOOK_OUT=tmp_path / "out",
+    )
+    assert not (tmp_path / "out").exists()
+    check_embeddings(notebook, record, sphere=False)
+    assert "the circle/sphere figure needs 2 or 3" in printed(notebook)
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not HAS_MNIST, reason="ARCFACE_DATA_DIR has no MNIST/raw")
+def test_quickstart_on_real_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    notebook = execute("01_quickstart.ipynb", monkeypatch, ARCFACE_DATA_DIR=DATA_DIR, ARCFACE_NOTEBOOK_OUT=tmp_path)
+    written = check_quickstart(notebook, tmp_path)
+    assert written["epochs"] == 2 and written["test/acc"] >= 0.98
+    assert written["test/acc_margin"] < written["test/acc"]
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not HAS_MNIST, reason="ARCFACE_DATA_DIR has no MNIST/raw")
+def test_embeddings_on_real_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    notebook = execute("02_embeddings.ipynb", monkeypatch, ARCFACE_DATA_DIR=DATA_DIR, ARCFACE_NOTEBOOK_OUT=tmp_path)
+    written = json.loads(only(list(tmp_path.glob("02_embeddings/*/metrics.json"))).read_text())
+    shown = check_embeddings(notebook, written, sphere=True)
+    assert shown["test/acc"][0] >= 0.97  # digits 0–4 in 3-D
+    seen, unseen = shown["verification_auc"]
+    assert seen > 0.99 and 0.5 < unseen < seen  # better than chance on digits never seen, worse than on seen ones
