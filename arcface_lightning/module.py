@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from arcface_lightning.figures import angle_figure, class_angles, sphere_figure
@@ -71,7 +71,10 @@ class ArcFaceModule(L.LightningModule):
         self.head = instantiate(head)
         num_classes = self.head.num_classes
         # one metric object per stage (and per definition): torchmetrics keeps their states apart
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_loss = MeanMetric()
+        self.train_samples = SumMetric()
+        # training predictions are our own argmax: skip torchmetrics' per-step input checks
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_margin = MulticlassAccuracy(num_classes, average="micro")
@@ -101,13 +104,19 @@ class ArcFaceModule(L.LightningModule):
                 f"diverged: train/loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
                 "try a lower optimizer.lr or head.s"
             )
-        self.train_acc(preds, labels)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)  # epoch mean over all ranks
-        # images trained on this epoch, summed over ranks (each rank trains on its own shard)
-        self.log("train/samples", float(len(labels)), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True)
+        # Epoch aggregates accumulate in torchmetrics objects (cheap) and go to self.log once per epoch: on CPU each
+        # self.log call costs Lightning about 0.7 ms of bookkeeping, 3% of a step of the seed recipe.
+        self.train_loss.update(loss.detach(), weight=len(labels))
+        self.train_acc.update(preds, labels)
+        self.train_samples.update(float(len(labels)))
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # Metric objects: Lightning computes them (synced over DDP ranks) and resets them for the next epoch
+        self.log("train/loss", self.train_loss)  # mean over the epoch's images, all ranks
+        self.log("train/acc", self.train_acc, prog_bar=True)
+        self.log("train/samples", self.train_samples)  # images trained on this epoch, summed over ranks
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         embeddings = self._evaluate(batch, "val", self.val_acc, self.val_acc_margin)
