@@ -2,6 +2,9 @@
 
     python -m arcface_lightning.train                                  # default: ArcFace + SimpleCNN on MNIST
     python -m arcface_lightning.train experiment=seed_mnist            # the seed script's recipe, measured right
+    python -m arcface_lightning.train experiment=mnist_fast            # ≥ 99% in under 20 s on 2 CPU cores
+    python -m arcface_lightning.train experiment=mnist_3d              # 3-D embeddings: sphere.png in the run dir
+    python -m arcface_lightning.train experiment=seed_mnist debug=profile   # where an epoch's time goes
     python -m arcface_lightning.train head.s=16 head.m=0.3 embedding_size=64 trainer.max_epochs=5
     python -m arcface_lightning.train head=cosface data=fashion_mnist data.batch_size=128 seed=1
     python -m arcface_lightning.train hydra.run.dir=logs/train/runs/<run> ckpt_path=last   # resume that run

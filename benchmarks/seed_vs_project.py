@@ -12,6 +12,9 @@ loggers, progress bar silenced) against the same model, data module and optimize
 loader: ...`). Only training counts (validation is off in both); images/s and their ratio, alternating,
 `--repeats` times.
 
+Part 3: the floor. torch's FlopCounterMode counts the FLOPs of one training step of the seed network (forward and
+backward), and a large fp32 matmul measures what this CPU can do; their ratio is the fastest an epoch could be.
+
     python benchmarks/seed_vs_project.py                      # real MNIST from ARCFACE_DATA_DIR
     python benchmarks/seed_vs_project.py --repeats 5 --throughput-batches 400
 """
@@ -124,6 +127,34 @@ def throughput(data: str, repeats: int, batches: int) -> None:
     print(f"throughput ratio Lightning ÷ plain loop: median {median(ratios):.3f} over {repeats} (target ≥ 0.95)")
 
 
+def flop_floor(images_per_epoch: int = 55_000, batch: int = 64) -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from arcface_lightning.backbones import SimpleCNN
+    from arcface_lightning.heads import ArcFaceHead
+
+    backbone, head = SimpleCNN(), ArcFaceHead(embedding_size=128, num_classes=10, s=30.0, m=0.5)
+    images, labels = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(head(backbone(images), labels), labels).backward()
+    per_image = counter.get_total_flops() / batch
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b  # warm-up
+    start, repeats = time.perf_counter(), 20
+    for _ in range(repeats):
+        a @ b
+    rate = repeats * 2 * 2048**3 / (time.perf_counter() - start)
+    epoch = per_image * images_per_epoch
+    print(
+        f"floor: {per_image / 1e6:.1f} MFLOP per training image (forward + backward, FlopCounterMode), "
+        f"{epoch / 1e12:.2f} TFLOP per 55,000-image epoch; fp32 matmul here {rate / 1e9:.0f} GFLOP/s, "
+        f"so ≥ {epoch / rate:.1f} s per epoch at that rate",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="torchvision root with MNIST/raw (default ARCFACE_DATA_DIR)")
@@ -160,6 +191,7 @@ def main() -> None:
             flush=True,
         )
     throughput(data, args.repeats, args.throughput_batches)
+    flop_floor()
 
 
 if __name__ == "__main__":

@@ -110,12 +110,19 @@ def test_cifar10_trains(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_both_pipelines_train_to_the_same_metrics(make_cfg, tmp_path: Path) -> None:
     runs = {}
-    for pipeline in ("tensor", "torchvision"):
-        cfg = make_cfg(f"data.pipeline={pipeline}", "logger=csv", "trainer.max_epochs=2", "trainer.deterministic=true")
+    for name, pipeline in (("tensor", "tensor"), ("torchvision", "torchvision"), ("on_device", "tensor")):
+        cfg = make_cfg(
+            f"data.pipeline={pipeline}",
+            f"data.on_device={name == 'on_device'}",  # the set on the training device (here the CPU)
+            "logger=csv",
+            "trainer.max_epochs=2",
+            "trainer.deterministic=true",
+        )
         with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / pipeline)
-        runs[pipeline] = {k: v for k, v in train(cfg).items() if not k.startswith("time/") and k != "best_checkpoint"}
-    assert runs["tensor"] == runs["torchvision"]  # the same batches, hence the same model, bit for bit
+            cfg.paths.output_dir = str(tmp_path / name)
+        runs[name] = {k: v for k, v in train(cfg).items() if not k.startswith("time/") and k != "best_checkpoint"}
+    # the same batches, hence the same model, bit for bit
+    assert runs["tensor"] == runs["torchvision"] == runs["on_device"]
 
 
 @pytest.mark.parametrize("augment", ["affine", "crop_flip"])
