@@ -10,8 +10,8 @@ margin applied, is shown beside its correct one).
 
 Part 2, in this process: the seed_mnist model trained by Lightning (the experiment's own trainer, callbacks and
 loggers, progress bar silenced) against the same model, data module and optimizer in a plain loop (`for batch in
-loader: ...`). Only training counts (validation is off in both); images/s and their ratio, alternating,
-`--repeats` times.
+loader: ...`). Only steady-state training counts (validation off, the first 20 batches not timed, in both);
+images/s and their ratio, alternating, `--throughput-repeats` times.
 
 Part 3: the floor. torch's FlopCounterMode counts the FLOPs of one training step of the seed network (forward and
 backward), and a large fp32 matmul measures what this CPU can do; their ratio is the fastest an epoch could be.
@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from common import ROOT, data_dir, machine, median, run_project
 
@@ -47,7 +48,8 @@ def project_epoch(data: str) -> dict:
     return {"epoch_s": metrics["time/fit_s"], **metrics}
 
 
-def throughput(data: str, repeats: int, batches: int) -> None:
+def one_throughput(side: str, data: str, batches: int) -> float:
+    """Images/s of one training run, `side` = lightning or plain, in this (fresh) process."""
     import lightning as L
     import torch
     import torch.nn.functional as F
@@ -57,14 +59,17 @@ def throughput(data: str, repeats: int, batches: int) -> None:
 
     from arcface_lightning.train import CONF_DIR, build
 
+    warm = 20  # batches before the clock starts, in both: first-call costs are no throughput
+
     class TrainingClock(L.Callback):
-        """Training time only: from the epoch's start to its last batch (validation is off)."""
+        """Steady-state training time: from the start of batch `warm` to the end of the last batch."""
 
-        def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-            self.start = time.perf_counter()
+        def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, i: int) -> None:
+            if i == warm:
+                self.start = time.perf_counter()
 
-        def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-            self.seconds = time.perf_counter() - self.start
+        def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+            self.seconds = time.perf_counter() - self.start if trainer.global_step > warm else 0.0
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
@@ -81,28 +86,24 @@ def throughput(data: str, repeats: int, batches: int) -> None:
                 "callbacks.progress_bar.refresh_rate=0",  # readable output; the bar costs ~10 µs a step
             ],
         )
-
-    def lightning_run() -> float:
-        with tempfile.TemporaryDirectory() as tmp, open_dict(cfg):
+    L.seed_everything(0, verbose=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open_dict(cfg):
             cfg.paths.output_dir = tmp
-            L.seed_everything(0, verbose=False)
-            datamodule, model, trainer = build(cfg)
+        datamodule, model, trainer = build(cfg)
+        if side == "lightning":
             clock = TrainingClock()
             trainer.callbacks.append(clock)
             trainer.fit(model, datamodule=datamodule)
-            return batches * cfg.data.batch_size / clock.seconds
-
-    def plain_run() -> float:
-        L.seed_everything(0, verbose=False)
+            return (batches - warm) * cfg.data.batch_size / clock.seconds
+        # the same data module and model (channels_last included), used as a plain nn.Module in a plain loop
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")
-        with tempfile.TemporaryDirectory() as tmp, open_dict(cfg):
-            cfg.paths.output_dir = tmp
-            _, model, _ = build(cfg)  # the same model (channels_last included), used as a plain nn.Module
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr)
-        start = time.perf_counter()
         for i, batch in enumerate(datamodule.train_dataloader()):
+            if i == warm:
+                start = time.perf_counter()
             if i == batches:
                 break
             images, labels = datamodule.on_after_batch_transfer(batch, 0)
@@ -110,15 +111,23 @@ def throughput(data: str, repeats: int, batches: int) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        return batches * cfg.data.batch_size / (time.perf_counter() - start)
+        return (batches - warm) * cfg.data.batch_size / (time.perf_counter() - start)
 
-    plain_run()  # warm-up: first-call costs (allocator, oneDNN kernel selection) are paid by neither side
+
+def throughput(data: str, repeats: int, batches: int) -> None:
+    """Alternating pairs of fresh processes: each run starts from the same state, as a user's run does."""
+
+    def measure(side: str) -> float:
+        args = [sys.executable, __file__, "--data-dir", data, "--one", side, "--throughput-batches", str(batches)]
+        result = subprocess.run(args, capture_output=True, text=True, check=True)
+        return float(result.stdout.strip().splitlines()[-1])
+
     ratios = []
     for repeat in range(repeats):
         if repeat % 2 == 0:  # alternate who goes first
-            plain, lightning = plain_run(), lightning_run()
+            plain, lightning = measure("plain"), measure("lightning")
         else:
-            lightning, plain = lightning_run(), plain_run()
+            lightning, plain = measure("lightning"), measure("plain")
         ratios.append(lightning / plain)
         print(
             f"throughput {repeat + 1}: plain loop {plain:.0f} img/s | Lightning {lightning:.0f} img/s | "
@@ -163,8 +172,12 @@ def main() -> None:
     parser.add_argument("--throughput-repeats", type=int, default=7, help="pairs of throughput runs")
     parser.add_argument("--throughput-batches", type=int, default=150, help="training batches per throughput run")
     parser.add_argument("--skip-epochs", action="store_true", help="only the throughput part")
+    parser.add_argument("--one", choices=["plain", "lightning"], help=argparse.SUPPRESS)  # one throughput run
     args = parser.parse_args()
     data = data_dir(args.data_dir)
+    if args.one:
+        print(one_throughput(args.one, data, args.throughput_batches))
+        return
     print(f"machine: {machine()}; date {time.strftime('%Y-%m-%d')}", flush=True)
     if not args.skip_epochs:
         seed_times, project_times = [], []
