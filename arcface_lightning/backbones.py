@@ -38,8 +38,9 @@ class SimpleCNN(nn.Module):
         batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        check_positive_int("SimpleCNN", embedding_size=embedding_size, in_channels=in_channels)
-        check_positive_int("SimpleCNN", convs_per_block=convs_per_block)
+        check_positive_int(
+            "SimpleCNN", embedding_size=embedding_size, in_channels=in_channels, convs_per_block=convs_per_block
+        )
         if not channels or any(int(c) != c or c < 1 for c in channels):
             raise ValueError(f"SimpleCNN: channels={list(channels)!r} is out of range; allowed: a list of integers ≥ 1")
         side = int(image_size)

@@ -99,8 +99,8 @@ class ImageDataModule(L.LightningDataModule):
         self.root = Path(data_dir).expanduser()
         self.transform = transforms.Compose(self._transforms(train=False))
         self.train_transform = transforms.Compose(self._transforms(train=True))
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._generator_epoch: int | None = None
+        self._augment_generator: torch.Generator | None = None
+        self._augment_key: tuple[int, torch.device] | None = None  # (epoch, device) it was seeded for
         self._fresh_seed = 0  # the drawn shuffle seed when shuffle_seed is null
         self._tensors: dict[int, TensorImages] = {}  # tensor pipeline: id(split) → its uint8 copy
         self.train_set: Dataset | None = None
@@ -192,23 +192,19 @@ class ImageDataModule(L.LightningDataModule):
             images = random_affine(images, generator, hp.degrees, hp.translate, tuple(hp.scale))
         elif generator is not None and hp.augment == "crop_flip":
             images = random_crop_flip(images, generator, hp.crop_padding)
-        if hp.normalize:
-            mean = torch.tensor(hp.mean, device=images.device).view(1, -1, 1, 1)
-            std = torch.tensor(hp.std, device=images.device).view(1, -1, 1, 1)
-            images = images.sub_(mean).div_(std)
+        if hp.normalize:  # torchvision's own normalize, batched: the same ops as the per-sample pipeline
+            images = transforms.functional.normalize(images, hp.mean, hp.std, inplace=True)
         return images
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """Augmentation randomness, reseeded from (shuffle_seed, epoch, rank) at each epoch's first batch."""
         epoch = self.trainer.current_epoch
-        if self._generator_epoch != epoch:
-            self._generators.clear()
-            self._generator_epoch = epoch
-        if device not in self._generators:
+        if self._augment_key != (epoch, device):
             seed = self.hparams.shuffle_seed if self.hparams.shuffle_seed is not None else self._fresh_seed
             mixed = (seed * 1_000_003 + epoch) * 1_009 + self.trainer.global_rank
-            self._generators[device] = torch.Generator(device).manual_seed(mixed % 2**63)
-        return self._generators[device]
+            self._augment_generator = torch.Generator(device).manual_seed(mixed % 2**63)
+            self._augment_key = (epoch, device)
+        return self._augment_generator
 
     def _classes(self, dataset: Dataset, classes: list[int] | None, relabel: bool = True) -> Dataset:
         """The samples of `classes` only; with relabel, their labels become 0..len(classes)-1 (the head's)."""

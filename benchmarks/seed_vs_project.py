@@ -54,7 +54,6 @@ def one_throughput(side: str, data: str, batches: int) -> float:
     import torch
     import torch.nn.functional as F
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
     from omegaconf import open_dict
 
     from arcface_lightning.train import CONF_DIR, build
@@ -97,7 +96,6 @@ def one_throughput(side: str, data: str, batches: int) -> float:
             trainer.fit(model, datamodule=datamodule)
             return (batches - warm) * cfg.data.batch_size / clock.seconds
         # the same data module and model (channels_last included), used as a plain nn.Module in a plain loop
-        datamodule = instantiate(cfg.data)
         datamodule.setup("fit")
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr)
