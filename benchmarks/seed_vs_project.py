@@ -48,27 +48,28 @@ def project_epoch(data: str) -> dict:
     return {"epoch_s": metrics["time/fit_s"], **metrics}
 
 
-def one_throughput(side: str, data: str, batches: int) -> float:
-    """Images/s of one training run, `side` = lightning or plain, in this (fresh) process."""
+def one_throughput(variant: str, data: str, batches: int) -> tuple[float, float]:
+    """Images/s of Lightning and of a plain loop, trained side by side in this (fresh) process.
+
+    `variant` project: experiment=seed_mnist with its own trainer, callbacks, loggers and module. `variant` bare: the
+    same network in a LightningModule whose training_step only returns the loss, under `Trainer(barebones=True)`
+    (no callbacks, loggers or metrics): Lightning's own floor. Every training batch, a callback first runs one step
+    of the plain loop on a twin of the model (its own copy of the weights, its own Adam, its own iterator over the
+    same data module), so both see the same machine at the same moment: this VM's speed drifts by ±20% within
+    seconds, which fresh processes run one after the other cannot cancel. Lightning's step is the time from the end
+    of one plain step to the start of the next: data, hooks, logging and all."""
+    import copy
+
     import lightning as L
     import torch
     import torch.nn.functional as F
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
+    from arcface_lightning.module import ArcFaceModule
     from arcface_lightning.train import CONF_DIR, build
 
-    warm = 20  # batches before the clock starts, in both: first-call costs are no throughput
-
-    class TrainingClock(L.Callback):
-        """Steady-state training time: from the start of batch `warm` to the end of the last batch."""
-
-        def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, i: int) -> None:
-            if i == warm:
-                self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
-            self.seconds = time.perf_counter() - self.start if trainer.global_step > warm else 0.0
+    warm = 20  # steps before the clocks start, in both: first-call costs are no throughput
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
@@ -86,53 +87,82 @@ def one_throughput(side: str, data: str, batches: int) -> float:
             ],
         )
     L.seed_everything(0, verbose=False)
+
+    class BareModule(ArcFaceModule):
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            images, labels = batch
+            return F.cross_entropy(self.head(self(images), labels), labels)
+
+    class Interleave(L.Callback):
+        """One plain-loop step on the twin at the start of every Lightning step; both clocks."""
+
+        def __init__(self, datamodule: L.LightningDataModule, twin: torch.nn.Module) -> None:
+            self.datamodule, self.twin, self.plain, self.lightning, self.end = datamodule, twin, [], [], None
+
+        def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            self.optimizer = torch.optim.Adam(self.twin.parameters(), lr=cfg.optimizer.lr)
+            self.batches = iter(self.datamodule.train_dataloader())
+
+        def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, i: int) -> None:
+            start = time.perf_counter()
+            if self.end is not None:
+                self.lightning.append(start - self.end)
+            images, labels = self.datamodule.on_after_batch_transfer(next(self.batches), 0)
+            loss = F.cross_entropy(self.twin.head(self.twin(images), labels), labels)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            self.end = time.perf_counter()
+            self.plain.append(self.end - start)
+
     with tempfile.TemporaryDirectory() as tmp:
         with open_dict(cfg):
             cfg.paths.output_dir = tmp
         datamodule, model, trainer = build(cfg)
-        if side == "lightning":
-            clock = TrainingClock()
-            trainer.callbacks.append(clock)
-            trainer.fit(model, datamodule=datamodule)
-            return (batches - warm) * cfg.data.batch_size / clock.seconds
-        # the same data module and model (channels_last included), used as a plain nn.Module in a plain loop
-        datamodule.setup("fit")
-        model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr)
-        for i, batch in enumerate(datamodule.train_dataloader()):
-            if i == warm:
-                start = time.perf_counter()
-            if i == batches:
-                break
-            images, labels = datamodule.on_after_batch_transfer(batch, 0)
-            loss = F.cross_entropy(model.head(model(images), labels), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return (batches - warm) * cfg.data.batch_size / (time.perf_counter() - start)
+        if variant == "bare":
+            model = BareModule(**model.hparams)
+            trainer = L.Trainer(
+                barebones=True,
+                accelerator="cpu",
+                devices=1,
+                max_epochs=1,
+                limit_train_batches=batches,
+                limit_val_batches=0,
+                default_root_dir=tmp,
+            )
+        clock = Interleave(datamodule, copy.deepcopy(model))  # the same initial weights
+        trainer.callbacks.append(clock)
+        trainer.fit(model, datamodule=datamodule)
+    steps = len(clock.lightning) - warm  # the last Lightning step has no next start to end it
+    plain, lightning = sum(clock.plain[warm : warm + steps]), sum(clock.lightning[warm:])
+    return steps * cfg.data.batch_size / lightning, steps * cfg.data.batch_size / plain
 
 
 def throughput(data: str, repeats: int, batches: int) -> None:
-    """Alternating pairs of fresh processes: each run starts from the same state, as a user's run does."""
+    """`repeats` fresh processes per variant, alternating: each starts from the same state, as a user's run does."""
 
-    def measure(side: str) -> float:
-        args = [sys.executable, __file__, "--data-dir", data, "--one", side, "--throughput-batches", str(batches)]
+    def measure(variant: str) -> tuple[float, float]:
+        args = [sys.executable, __file__, "--data-dir", data, "--one", variant, "--throughput-batches", str(batches)]
         result = subprocess.run(args, capture_output=True, text=True, check=True)
-        return float(result.stdout.strip().splitlines()[-1])
+        lightning, plain = result.stdout.strip().splitlines()[-1].split()
+        return float(lightning), float(plain)
 
-    ratios = []
+    ratios: dict[str, list[float]] = {"project": [], "bare": []}
     for repeat in range(repeats):
-        if repeat % 2 == 0:  # alternate who goes first
-            plain, lightning = measure("plain"), measure("lightning")
-        else:
-            lightning, plain = measure("lightning"), measure("plain")
-        ratios.append(lightning / plain)
-        print(
-            f"throughput {repeat + 1}: plain loop {plain:.0f} img/s | Lightning {lightning:.0f} img/s | "
-            f"ratio {ratios[-1]:.3f}",
-            flush=True,
-        )
-    print(f"throughput ratio Lightning ÷ plain loop: median {median(ratios):.3f} over {repeats} (target ≥ 0.95)")
+        for variant in ("project", "bare") if repeat % 2 == 0 else ("bare", "project"):
+            lightning, plain = measure(variant)
+            ratios[variant].append(lightning / plain)
+            print(
+                f"throughput {repeat + 1} {variant:7s}: Lightning {lightning:.0f} img/s | plain loop {plain:.0f} "
+                f"img/s | ratio {ratios[variant][-1]:.3f}",
+                flush=True,
+            )
+    print(
+        f"throughput ratio Lightning ÷ plain loop: experiment=seed_mnist median {median(ratios['project']):.3f} "
+        f"(target ≥ 0.95); bare LightningModule under Trainer(barebones=True), Lightning's floor, median "
+        f"{median(ratios['bare']):.3f}; over {repeats} runs of {batches} batches",
+        flush=True,
+    )
 
 
 def flop_floor(images_per_epoch: int = 55_000, batch: int = 64) -> None:
@@ -167,14 +197,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="torchvision root with MNIST/raw (default ARCFACE_DATA_DIR)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--throughput-repeats", type=int, default=7, help="pairs of throughput runs")
-    parser.add_argument("--throughput-batches", type=int, default=150, help="training batches per throughput run")
+    parser.add_argument("--throughput-repeats", type=int, default=5, help="throughput runs per variant")
+    parser.add_argument("--throughput-batches", type=int, default=300, help="training batches per throughput run")
     parser.add_argument("--skip-epochs", action="store_true", help="only the throughput part")
-    parser.add_argument("--one", choices=["plain", "lightning"], help=argparse.SUPPRESS)  # one throughput run
+    parser.add_argument("--one", choices=["project", "bare"], help=argparse.SUPPRESS)  # one throughput run
     args = parser.parse_args()
     data = data_dir(args.data_dir)
     if args.one:
-        print(one_throughput(args.one, data, args.throughput_batches))
+        print(*one_throughput(args.one, data, args.throughput_batches))
         return
     print(f"machine: {machine()}; date {time.strftime('%Y-%m-%d')}", flush=True)
     if not args.skip_epochs:

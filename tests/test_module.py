@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import lightning as L
@@ -39,6 +40,26 @@ def test_val_accuracy_is_argmax_of_cosine_and_acc_margin_is_the_seeds(make_cfg) 
     assert logged["val/acc"] == pytest.approx(correct / total, abs=1e-6)  # logged as float32
     assert logged["val/acc_margin"] == pytest.approx(correct_margin / total, abs=1e-6)
     assert logged["val/acc_margin"] < logged["val/acc"]  # the margin makes right answers look wrong
+
+
+def test_step_loss_is_logged_exactly_on_the_steps_lightning_writes(make_cfg, tmp_path: Path) -> None:
+    """train/loss_step skips self.log on steps no logger writes: the predicate must match Lightning's own."""
+
+    class Spy(L.Callback):
+        agree: list[tuple[bool, bool]] = []
+
+        def on_train_batch_start(self, trainer: L.Trainer, module: ArcFaceModule, *args: object) -> None:
+            self.agree.append((module._loggers_write_this_step(), trainer._logger_connector.should_update_logs))
+
+    cfg = make_cfg("logger=csv", "trainer.log_every_n_steps=3", "trainer.max_epochs=2", "trainer.limit_train_batches=7")
+    datamodule, model, trainer = build(cfg)
+    trainer.callbacks.append(spy := Spy())
+    trainer.fit(model, datamodule=datamodule)
+    assert len(spy.agree) == 14 and all(ours == lightnings for ours, lightnings in spy.agree)
+    assert [ours for ours, _ in spy.agree].count(True) == 4  # steps 2, 5, 8, 11
+    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
+    logged = {int(row["step"]): float(row["train/loss_step"]) for row in rows if row.get("train/loss_step")}
+    assert sorted(logged) == [2, 5, 8, 11] and len(set(logged.values())) == 4  # a fresh loss at each
 
 
 def test_checkpoint_rebuilds_the_model_without_arguments(make_cfg, tmp_path: Path) -> None:
