@@ -8,16 +8,18 @@ none: they add about 0.2 s per validation), each a fresh process. Prints every e
 project ÷ seed, and both test accuracies (the project's is the argmax of the cosines; the seed's own number,
 margin applied, is shown beside its correct one).
 
-Part 2, in this process: the seed_mnist model trained by Lightning (the experiment's own trainer, callbacks and
-loggers, progress bar silenced) against the same model, data module and optimizer in a plain loop (`for batch in
-loader: ...`). Only steady-state training counts (validation off, the first 20 batches not timed, in both);
-images/s and their ratio, alternating, `--throughput-repeats` times.
+Part 2, fresh processes: training throughput under Lightning against a plain loop (`for batch in loader: ...`)
+over the same data module, model and optimizer, their steps interleaved in one process (see one_throughput), for
+experiment=seed_mnist with its own trainer, callbacks and loggers, and for a bare LightningModule under
+`Trainer(barebones=True)`: Lightning's own floor. Only steady-state training counts (validation off, the first 20
+steps not timed). Images/s and their ratio, `--throughput-repeats` processes per variant.
 
 Part 3: the floor. torch's FlopCounterMode counts the FLOPs of one training step of the seed network (forward and
 backward), and a large fp32 matmul measures what this CPU can do; their ratio is the fastest an epoch could be.
 
     python benchmarks/seed_vs_project.py                      # real MNIST from ARCFACE_DATA_DIR
     python benchmarks/seed_vs_project.py --repeats 5 --throughput-repeats 9 --throughput-batches 300
+    python benchmarks/seed_vs_project.py --skip-epochs --throughput-batch-size 256      # Lightning's cost diluted
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def project_epoch(data: str) -> dict:
     return {"epoch_s": metrics["time/fit_s"], **metrics}
 
 
-def one_throughput(variant: str, data: str, batches: int) -> tuple[float, float]:
+def one_throughput(variant: str, data: str, batches: int, batch_size: int) -> tuple[float, float]:
     """Images/s of Lightning and of a plain loop, trained side by side in this (fresh) process.
 
     `variant` project: experiment=seed_mnist with its own trainer, callbacks, loggers and module. `variant` bare: the
@@ -81,6 +83,7 @@ def one_throughput(variant: str, data: str, batches: int) -> tuple[float, float]
                 "trainer.max_epochs=1",
                 f"trainer.limit_train_batches={batches}",
                 "trainer.limit_val_batches=0",
+                f"data.batch_size={batch_size}",
                 "evaluation.figures=false",
                 "~callbacks.model_checkpoint",  # monitors val/acc, which is off here
                 "callbacks.progress_bar.refresh_rate=0",  # readable output; the bar costs ~10 µs a step
@@ -138,11 +141,12 @@ def one_throughput(variant: str, data: str, batches: int) -> tuple[float, float]
     return steps * cfg.data.batch_size / lightning, steps * cfg.data.batch_size / plain
 
 
-def throughput(data: str, repeats: int, batches: int) -> None:
+def throughput(data: str, repeats: int, batches: int, batch_size: int) -> None:
     """`repeats` fresh processes per variant, alternating: each starts from the same state, as a user's run does."""
 
     def measure(variant: str) -> tuple[float, float]:
         args = [sys.executable, __file__, "--data-dir", data, "--one", variant, "--throughput-batches", str(batches)]
+        args += ["--throughput-batch-size", str(batch_size)]
         result = subprocess.run(args, capture_output=True, text=True, check=True)
         lightning, plain = result.stdout.strip().splitlines()[-1].split()
         return float(lightning), float(plain)
@@ -160,7 +164,7 @@ def throughput(data: str, repeats: int, batches: int) -> None:
     print(
         f"throughput ratio Lightning ÷ plain loop: experiment=seed_mnist median {median(ratios['project']):.3f} "
         f"(target ≥ 0.95); bare LightningModule under Trainer(barebones=True), Lightning's floor, median "
-        f"{median(ratios['bare']):.3f}; over {repeats} runs of {batches} batches",
+        f"{median(ratios['bare']):.3f}; over {repeats} runs of {batches} batches of {batch_size}",
         flush=True,
     )
 
@@ -199,12 +203,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--throughput-repeats", type=int, default=5, help="throughput runs per variant")
     parser.add_argument("--throughput-batches", type=int, default=300, help="training batches per throughput run")
+    parser.add_argument(
+        "--throughput-batch-size",
+        type=int,
+        default=64,
+        help="images per batch (the recipe's 64: Lightning's cost per step is fixed, so larger batches dilute it)",
+    )
     parser.add_argument("--skip-epochs", action="store_true", help="only the throughput part")
     parser.add_argument("--one", choices=["project", "bare"], help=argparse.SUPPRESS)  # one throughput run
     args = parser.parse_args()
     data = data_dir(args.data_dir)
     if args.one:
-        print(*one_throughput(args.one, data, args.throughput_batches))
+        print(*one_throughput(args.one, data, args.throughput_batches, args.throughput_batch_size))
         return
     print(f"machine: {machine()}; date {time.strftime('%Y-%m-%d')}", flush=True)
     if not args.skip_epochs:
@@ -233,7 +243,7 @@ def main() -> None:
             f"ratio project ÷ seed {ratio:.3f} (target ≤ 0.5)",
             flush=True,
         )
-    throughput(data, args.throughput_repeats, args.throughput_batches)
+    throughput(data, args.throughput_repeats, args.throughput_batches, args.throughput_batch_size)
     flop_floor()
 
 
