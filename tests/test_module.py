@@ -46,7 +46,8 @@ def test_step_loss_is_logged_exactly_on_the_steps_lightning_writes(make_cfg, tmp
     """train/loss_step skips self.log on steps no logger writes: the predicate must match Lightning's own."""
 
     class Spy(L.Callback):
-        agree: list[tuple[bool, bool]] = []
+        def __init__(self) -> None:
+            self.agree: list[tuple[bool, bool]] = []  # (ours, Lightning's) per training batch
 
         def on_train_batch_start(self, trainer: L.Trainer, module: ArcFaceModule, *args: object) -> None:
             self.agree.append((module._loggers_write_this_step(), trainer._logger_connector.should_update_logs))
