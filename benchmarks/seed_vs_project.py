@@ -201,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="torchvision root with MNIST/raw (default ARCFACE_DATA_DIR)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--throughput-repeats", type=int, default=5, help="throughput runs per variant")
+    parser.add_argument("--throughput-repeats", type=int, default=5, help="throughput runs per variant (0: none)")
     parser.add_argument("--throughput-batches", type=int, default=300, help="training batches per throughput run")
     parser.add_argument(
         "--throughput-batch-size",
@@ -243,7 +243,8 @@ def main() -> None:
             f"ratio project ÷ seed {ratio:.3f} (target ≤ 0.5)",
             flush=True,
         )
-    throughput(data, args.throughput_repeats, args.throughput_batches, args.throughput_batch_size)
+    if args.throughput_repeats > 0:
+        throughput(data, args.throughput_repeats, args.throughput_batches, args.throughput_batch_size)
     flop_floor()
 
 
