@@ -4,7 +4,7 @@ training throughput against a plain PyTorch loop over the project's own data pat
 Part 1 alternates, `--repeats` times: the seed script (benchmarks/seed_script.py, 1 epoch: training on 60,000 images
 plus its evaluation on the training and test sets) and the project (1 epoch: training on 55,000 images plus
 validation on 5,000, Lightning's Timer `time/fit_s`; the optional TensorBoard angle figures off, as the seed draws
-none: they add about 0.2 s per validation), each a fresh process. Prints every epoch time, the median ratio
+none: they add about 0.3 s per validation), each a fresh process. Prints every epoch time, the median ratio
 project ÷ seed, and both test accuracies (the project's is the argmax of the cosines; the seed's own number,
 margin applied, is shown beside its correct one).
 
