@@ -14,6 +14,11 @@ def check_positive_int(owner: str, **values: int) -> None:
             raise ValueError(f"{owner}: {name}={value!r} is out of range; allowed: an integer ≥ 1")
 
 
+def check_positive_ints(owner: str, name: str, values: Sequence[int]) -> None:
+    if not values or any(int(v) != v or v < 1 for v in values):
+        raise ValueError(f"{owner}: {name}={list(values)!r} is out of range; allowed: a list of integers ≥ 1")
+
+
 class SimpleCNN(nn.Module):
     """A stack of 3×3 conv blocks, each ending in a 2× max-pool, then a linear embedding.
 
@@ -41,8 +46,7 @@ class SimpleCNN(nn.Module):
         check_positive_int(
             "SimpleCNN", embedding_size=embedding_size, in_channels=in_channels, convs_per_block=convs_per_block
         )
-        if not channels or any(int(c) != c or c < 1 for c in channels):
-            raise ValueError(f"SimpleCNN: channels={list(channels)!r} is out of range; allowed: a list of integers ≥ 1")
+        check_positive_ints("SimpleCNN", "channels", channels)
         side = int(image_size)
         for _ in channels:
             side //= 2
@@ -108,8 +112,7 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_int("ResNet", embedding_size=embedding_size, in_channels=in_channels, width=width)
-        if not blocks or any(int(b) != b or b < 1 for b in blocks):
-            raise ValueError(f"ResNet: blocks={list(blocks)!r} is out of range; allowed: a list of integers ≥ 1")
+        check_positive_ints("ResNet", "blocks", blocks)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,10 +34,6 @@ def run_project(*overrides: str, data: str) -> dict:
         if result.returncode != 0:
             raise SystemExit(f"error: {' '.join(args)} failed:\n{result.stderr[-2000:]}")
         return {**json.loads((Path(run_dir) / "metrics.json").read_text()), "process_s": elapsed}
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def machine() -> str:

@@ -31,9 +31,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
-from common import ROOT, data_dir, machine, median, run_project
+from common import ROOT, data_dir, machine, run_project
 
 
 def seed_epoch(data: str) -> dict:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from statistics import median
 
-from common import data_dir, machine, median, run_project
+from common import data_dir, machine, run_project
 
 
 def main() -> None:
