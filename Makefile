@@ -6,7 +6,7 @@ ARGS ?=
 ARCFACE_DATA_DIR ?= $(if $(wildcard ../shared/data/MNIST/raw),$(abspath ../shared/data),data)
 export ARCFACE_DATA_DIR
 INSTALLED = $(PYTHON) -c "import importlib.metadata as m; m.version('arcface-lightning'); \
-	import lightning, hydra, torchvision, torchmetrics, tensorboard, pytest" 2>/dev/null
+	import lightning, hydra, torchvision, torchmetrics, tensorboard, pytest, xdist" 2>/dev/null
 
 .PHONY: help install train sweep report test lint format tensorboard clean
 
@@ -27,9 +27,9 @@ sweep: ## the preset s × m grid (conf/sweep/s_m.yaml), report and heatmap at th
 report: ## (re)write a sweep's summary and heatmap: make report DIR=logs/sweep_s_m/multiruns/<time>_<pid>
 	$(PYTHON) -m arcface_lightning.report $(DIR)
 
-test: ## run the test suite (the real-MNIST test runs when ARCFACE_DATA_DIR holds MNIST)
+test: ## run the test suite in parallel processes (real-MNIST tests run when ARCFACE_DATA_DIR holds MNIST)
 	@$(INSTALLED) || $(MAKE) install
-	$(PYTHON) -m pytest $(ARGS)
+	$(PYTHON) -m pytest -n auto --maxprocesses 4 --dist worksteal $(ARGS)
 
 lint: ## ruff: lint and format check
 	$(PYTHON) -m ruff check .

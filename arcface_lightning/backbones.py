@@ -7,16 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-
-def check_positive_int(owner: str, **values: int) -> None:
-    for name, value in values.items():
-        if int(value) != value or value < 1:
-            raise ValueError(f"{owner}: {name}={value!r} is out of range; allowed: an integer ≥ 1")
-
-
-def check_positive_ints(owner: str, name: str, values: Sequence[int]) -> None:
-    if not values or any(int(v) != v or v < 1 for v in values):
-        raise ValueError(f"{owner}: {name}={list(values)!r} is out of range; allowed: a list of integers ≥ 1")
+from arcface_lightning.checks import check_int, check_ints
 
 
 class SimpleCNN(nn.Module):
@@ -43,18 +34,12 @@ class SimpleCNN(nn.Module):
         batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        check_positive_int(
-            "SimpleCNN", embedding_size=embedding_size, in_channels=in_channels, convs_per_block=convs_per_block
-        )
-        check_positive_ints("SimpleCNN", "channels", channels)
-        side = int(image_size)
-        for _ in channels:
-            side //= 2
-        if int(image_size) != image_size or side < 1:
-            raise ValueError(
-                f"SimpleCNN: image_size={image_size!r} is too small for {len(channels)} blocks; "
-                f"allowed: an integer ≥ {2 ** len(channels)}"
-            )
+        for name, value in (("embedding_size", embedding_size), ("in_channels", in_channels)):
+            check_int("SimpleCNN", name, value)
+        check_int("SimpleCNN", "convs_per_block", convs_per_block)
+        check_ints("SimpleCNN", "channels", channels)
+        check_int("SimpleCNN", "image_size", image_size, minimum=2 ** len(channels))  # the side halves per block
+        side = image_size // 2 ** len(channels)
         layers: list[nn.Module] = []
         width = in_channels
         for out in channels:
@@ -111,8 +96,9 @@ class ResNet(nn.Module):
         width: int = 64,
     ) -> None:
         super().__init__()
-        check_positive_int("ResNet", embedding_size=embedding_size, in_channels=in_channels, width=width)
-        check_positive_ints("ResNet", "blocks", blocks)
+        for name, value in (("embedding_size", embedding_size), ("in_channels", in_channels), ("width", width)):
+            check_int("ResNet", name, value)
+        check_ints("ResNet", "blocks", blocks)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
         )

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, random_split
 from torchvision import datasets, transforms
 
+from arcface_lightning.checks import check_choice, check_int, check_number, first_line, is_int, is_number, require
+
 DATASETS: dict[str, type[datasets.VisionDataset]] = {
     "MNIST": datasets.MNIST,
     "FashionMNIST": datasets.FashionMNIST,
@@ -76,24 +78,30 @@ class ImageDataModule(L.LightningDataModule):
         crop_padding: int = 4,
     ) -> None:
         super().__init__()
-        if dataset not in DATASETS:
-            raise ValueError(f"data.dataset={dataset!r} is not supported; allowed: {', '.join(DATASETS)}")
-        if pipeline not in PIPELINES:
-            raise ValueError(f"data.pipeline={pipeline!r} is not supported; allowed: {', '.join(PIPELINES)}")
-        if augment is not None and augment not in AUGMENTATIONS:
-            raise ValueError(f"data.augment={augment!r} is not supported; allowed: null, {', '.join(AUGMENTATIONS)}")
+        owner = type(self).__name__
+        check_choice(owner, "dataset", dataset, list(DATASETS))
+        check_choice(owner, "pipeline", pipeline, PIPELINES)
+        check_choice(owner, "augment", augment, (None, *AUGMENTATIONS))
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("val_size", val_size)):
+            check_int(owner, name, value)
+        for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
+            check_int(owner, name, value)
+        check_int(owner, "num_workers", num_workers, minimum=0)
+        check_int(owner, "split_seed", split_seed, minimum=0)
+        require(
+            owner, "shuffle_seed", shuffle_seed, "null or an integer ≥ 0", lambda v: v is None or (is_int(v) and v >= 0)
+        )
+        check_number(owner, "degrees", degrees, "0 ≤ degrees ≤ 180", lambda v: 0 <= v <= 180)
+        check_number(owner, "translate", translate, "0 ≤ translate < 1", lambda v: 0 <= v < 1)
+        require(owner, "scale", scale, "[low, high] with 0 < low ≤ high", lambda v: 0 < v[0] <= v[1] and len(v) == 2)
+        check_int(owner, "crop_padding", crop_padding, minimum=0)
+        if normalize:
+            sizes = f"{in_channels} numbers (one per input channel)"
+            for name, values in (("mean", mean), ("std", std)):
+                require(owner, name, values, sizes, lambda v: len(v) == in_channels and all(map(is_number, v)))
+            require(owner, "std", std, "numbers > 0", lambda v: min(v) > 0)
         if on_device and (pipeline != "tensor" or num_workers):
             raise ValueError("data.on_device=true needs data.pipeline=tensor and data.num_workers=0")
-        if not (0 <= degrees <= 180 and 0 <= translate < 1 and 0 < scale[0] <= scale[1] and crop_padding >= 0):
-            raise ValueError(
-                f"data augmentation settings out of range: degrees={degrees} (allowed 0..180), translate={translate} "
-                f"(0..<1), scale={list(scale)} (0 < low ≤ high), crop_padding={crop_padding} (≥ 0)"
-            )
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("val_size", val_size)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"data.{name}={value!r} is out of range; allowed: an integer ≥ 1")
-        if normalize and not len(mean) == len(std) == in_channels:
-            raise ValueError(f"data.mean/std need {in_channels} values (in_channels), got {list(mean)} / {list(std)}")
         check_class_split(train_classes, open_classes, num_classes)
         self.save_hyperparameters()
         self.root = Path(data_dir).expanduser()
@@ -155,15 +163,30 @@ class ImageDataModule(L.LightningDataModule):
             full = self._classes(self._load(train=True), self.hparams.train_classes)
             val_size = self.hparams.val_size
             if val_size >= len(full):
-                raise ValueError(f"data.val_size={val_size} leaves no training data; allowed: < {len(full)}")
+                raise DataError(
+                    f"data.val_size={val_size} leaves no training data; allowed: 1 ≤ val_size < {len(full)}"
+                )
+            self._check_targets(full, "train")
             generator = torch.Generator().manual_seed(self.hparams.split_seed)
             self.train_set, self.val_set = random_split(full, [len(full) - val_size, val_size], generator=generator)
             if self.hparams.augment and self.hparams.pipeline == "torchvision":  # the subsets share one dataset
                 self.train_set = with_transform(self.train_set, self.train_transform)
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = self._classes(self._load(train=False), self.hparams.train_classes)
+            self._check_targets(self.test_set, "test")
             if self.hparams.open_classes:
                 self.open_set = self._classes(self._load(train=False), self.hparams.open_classes, relabel=False)
+
+    def _check_targets(self, dataset: Dataset, split: str) -> None:
+        """Every label in [0, num_classes), checked once here: the heads skip that check on accelerators, where
+        it would cost a device synchronisation per step (heads.py)."""
+        labels = targets(dataset)
+        bad = labels[(labels < 0) | (labels >= self.hparams.num_classes)]
+        if len(bad):
+            raise DataError(
+                f"{self.hparams.dataset} {split} set has label {bad[0].item()}; "
+                f"allowed: 0 ≤ label < data.num_classes={self.hparams.num_classes}"
+            )
 
     def _serve(self, dataset: Dataset) -> Dataset:
         """What a loader iterates: the tensor pipeline's in-memory copy of `dataset` (made once), or `dataset`."""
@@ -178,6 +201,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Tensor pipeline: uint8 batches become normalised (and, in training, augmented) floats on the device."""
+        if not isinstance(batch, (tuple, list)):  # the model summary's example input, a float image tensor
+            return batch
         images, labels = batch
         if images.dtype != torch.uint8:  # the torchvision pipeline's batches are ready
             return batch
@@ -296,16 +321,10 @@ class TensorImages(Dataset):
     def from_dataset(cls, dataset: Dataset) -> TensorImages:
         """The samples of a torchvision MNIST/CIFAR dataset (or nested Subsets of one), in the same order, with
         its target_transform applied; read from its decoded `.data` array, not through PIL."""
-        indices = torch.arange(len(dataset))
-        while isinstance(dataset, Subset):
-            indices = torch.as_tensor(dataset.indices)[indices]
-            dataset = dataset.dataset
-        images = torch.as_tensor(dataset.data)[indices]
+        base, indices = unwrap(dataset)
+        images = torch.as_tensor(base.data)[indices]
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # MNIST NHW, CIFAR NHWC
-        labels = torch.as_tensor(dataset.targets)[indices]
-        if dataset.target_transform is not None:
-            labels = torch.tensor([dataset.target_transform(int(t)) for t in labels])
-        return cls(images.contiguous(), labels.long())
+        return cls(images.contiguous(), targets(dataset))
 
     def to(self, device: torch.device | str) -> TensorImages:
         return TensorImages(self.images.to(device), self.labels.to(device))
@@ -319,6 +338,25 @@ class TensorImages(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(indices, device=self.images.device)
         return self.images[index], self.labels[index]
+
+
+def unwrap(dataset: Dataset) -> tuple[Dataset, torch.Tensor]:
+    """The torchvision dataset under nested Subsets, and the indices of the samples `dataset` serves, in order."""
+    indices = torch.arange(len(dataset))
+    while isinstance(dataset, Subset):
+        indices = torch.as_tensor(dataset.indices)[indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def targets(dataset: Dataset) -> torch.Tensor:
+    """The labels (int64) of a torchvision MNIST/CIFAR dataset or nested Subsets of one, with its target_transform
+    applied, without decoding any image."""
+    base, indices = unwrap(dataset)
+    labels = torch.as_tensor(base.targets)[indices]
+    if base.target_transform is not None:
+        labels = torch.tensor([base.target_transform(int(t)) for t in labels], dtype=torch.long)
+    return labels.long()
 
 
 def ready_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,9 +454,3 @@ def check_class_split(train_classes: list[int] | None, open_classes: list[int] |
         raise ValueError(f"data.num_classes={num_classes} but data.train_classes has {len(train_classes)} classes")
     if shared := sorted(set(train_classes or ()) & set(open_classes or ())):
         raise ValueError(f"data.train_classes and data.open_classes share {shared}; open classes must be unseen")
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type when the message is empty)."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]

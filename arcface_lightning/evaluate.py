@@ -13,41 +13,43 @@ import sys
 from typing import Any
 
 import hydra
-import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from arcface_lightning.checks import BadValue
+from arcface_lightning.config import ConfigError, check_overrides, instantiate_node, named_error, one_line, root_cause
 from arcface_lightning.data import ImageDataModule
 from arcface_lightning.module import ArcFaceModule
-from arcface_lightning.train import ConfigError, check_ckpt_path, check_group_choices, final_metrics, one_line, run
+from arcface_lightning.train import check_ckpt_path, final_metrics, run, start
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    start(cfg)
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ConfigError("ckpt_path is required: python -m arcface_lightning.evaluate ckpt_path=<file.ckpt>")
     ckpt_path = check_ckpt_path(cfg.ckpt_path)
     try:  # model and data settings (dataset, normalisation, split) both come from the checkpoint
         model = ArcFaceModule.load_from_checkpoint(ckpt_path, map_location="cpu")
         datamodule = ImageDataModule.load_from_checkpoint(ckpt_path, **OmegaConf.to_container(cfg.data, resolve=True))
-    except Exception as error:  # not a checkpoint, truncated, or of another model
+    except Exception as error:  # a bad data.* value from the command line, or not a checkpoint of this model
+        if isinstance(root_cause(error), BadValue):
+            raise named_error(cfg, "data", error) from error
         raise ConfigError(f"ckpt_path={ckpt_path} could not be loaded: {one_line(error)}") from error
-    try:
-        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-        trainer = instantiate(cfg.trainer, logger=loggers or False)
-    except Exception as error:
-        raise ConfigError(one_line(error)) from error
-    (results,) = trainer.test(model, datamodule=datamodule)
-    return {**final_metrics(results), "checkpoint": str(ckpt_path), "dataset": datamodule.hparams.dataset}
+    loggers = [instantiate_node(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
+    trainer = instantiate_node(cfg, "trainer", logger=loggers or False)
+    metrics: dict[str, float] = {}
+    for results in trainer.test(model, datamodule=datamodule):  # one dict per test loader (open set: two)
+        metrics.update(final_metrics(results))
+    dataset = datamodule.hparams.dataset
+    return {**metrics, "checkpoint": str(ckpt_path), "dataset": dataset, "tags": list(cfg.get("tags") or [])}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     run(evaluate, cfg)
 
 
 def cli() -> None:
-    check_group_choices(sys.argv[1:])
+    check_overrides(sys.argv[1:], config_name="eval")
     main()
 
 

@@ -27,6 +27,11 @@ Choices, and why:
 - A vector shorter than NORM_EPS normalises to 0 (cos = 0) with zero gradient: plain x / max(‖x‖, eps), as in
   F.normalize, would send a gradient of 1/eps (≈ 1e12 with its default eps) back through a dead embedding.
 - m = 0 takes no angle round trip at all, so ArcFaceHead(m=0) equals s·cos exactly.
+- `training_logits` returns both logits from one cosine matrix: the (batch × classes) matmul is the head's
+  whole cost, and it grows with the number of classes.
+- Labels are range-checked only on CPU tensors. On an accelerator, `bad.any()` would make the host wait for the
+  device at every step; there the data module checks every label once when it builds its splits (data.py), and an
+  out-of-range label from elsewhere ends in the device's own index assertion.
 
 No framework imports beyond torch: these are plain nn.Modules usable in any training loop.
 """
@@ -38,18 +43,15 @@ import math
 import torch
 from torch import nn
 
+from arcface_lightning.checks import check_int, check_number
+
 NORM_EPS = 1e-6  # vectors shorter than this count as zero
 COS_EPS = 1e-7  # acos is evaluated on cos clamped to [−1 + eps, 1 − eps] (in fp32)
 
 
-def _check(name: str, value: float, ok: bool, allowed: str, owner: str) -> None:
-    if not ok:
-        raise ValueError(f"{owner}: {name}={value!r} is out of range; allowed: {allowed}")
-
-
 def _check_sizes(owner: str, embedding_size: int, num_classes: int) -> None:
-    _check("embedding_size", embedding_size, int(embedding_size) == embedding_size >= 2, "an integer ≥ 2", owner)
-    _check("num_classes", num_classes, int(num_classes) == num_classes >= 2, "an integer ≥ 2", owner)
+    check_int(owner, "embedding_size", embedding_size, minimum=2)
+    check_int(owner, "num_classes", num_classes, minimum=2)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -64,10 +66,18 @@ def cosine_similarity(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.T
         return normalize(embeddings.float()) @ normalize(weight.float()).t()
 
 
+def reads_are_free(tensor: torch.Tensor) -> bool:
+    """Whether reading a tensor's values on the host costs no device synchronisation: it is in host memory."""
+    return tensor.device.type == "cpu"
+
+
 def check_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """Raise a ValueError naming the first label outside [0, num_classes) (CUDA would only device-assert)."""
+    """Raise a ValueError naming the first label outside [0, num_classes). Shape and dtype are always checked;
+    values only on CPU, where reading them costs no device synchronisation (see the module doc)."""
     if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)} and {labels.dtype}")
+    if not reads_are_free(labels):
+        return
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
         raise ValueError(f"label {labels[bad][0].item()} is out of range; allowed: 0 ≤ label < {num_classes}")
@@ -88,10 +98,10 @@ class CombinedMarginHead(nn.Module):
         super().__init__()
         owner = type(self).__name__
         _check_sizes(owner, embedding_size, num_classes)
-        _check("s", s, math.isfinite(s) and s > 0, "a finite number > 0", owner)
-        _check("m1", m1, 1.0 <= m1 <= 10.0, "1 ≤ m1 ≤ 10", owner)
-        _check("m2", m2, 0.0 <= m2 < math.pi, "0 ≤ m2 < π", owner)
-        _check("m3", m3, 0.0 <= m3 <= 1.0, "0 ≤ m3 ≤ 1", owner)
+        check_number(owner, "s", s, "a finite number > 0", lambda v: v > 0)
+        check_number(owner, "m1", m1, "1 ≤ m1 ≤ 10", lambda v: 1.0 <= v <= 10.0)
+        check_number(owner, "m2", m2, "0 ≤ m2 < π", lambda v: 0.0 <= v < math.pi)
+        check_number(owner, "m3", m3, "0 ≤ m3 ≤ 1", lambda v: 0.0 <= v <= 1.0)
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
         self.theta_max = (math.pi - self.m2) / self.m1  # θ*: past it cos(m1·θ + m2) turns back up
@@ -116,12 +126,17 @@ class CombinedMarginHead(nn.Module):
         outside = cos_target - self.fallback_shift
         return torch.where(theta <= self.theta_max, inside, outside) - self.m3
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Training logits (batch, num_classes): s·cos θ_j, with s·ψ(θ_y) in each row's label column."""
+    def training_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training logits with the margin, inference logits without), both (batch, num_classes), from one
+        cosine matrix: s·cos θ_j everywhere, and s·ψ(θ_y) in each row's label column of the first."""
         check_labels(labels, self.num_classes)
         cos = self.cosine(embeddings)
         index = labels.long().unsqueeze(1)
-        return self.s * cos.scatter(1, index, self.psi(cos.gather(1, index)))
+        return self.s * cos.scatter(1, index, self.psi(cos.gather(1, index))), self.s * cos
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training logits (batch, num_classes): s·cos θ_j, with s·ψ(θ_y) in each row's label column."""
+        return self.training_logits(embeddings, labels)[0]
 
     def extra_repr(self) -> str:
         return (
@@ -134,7 +149,7 @@ class ArcFaceHead(CombinedMarginHead):
     """ArcFace (Deng et al., 2019): additive angular margin, ψ(θ) = cos(θ + m), m in radians."""
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 0.5) -> None:
-        _check("m", m, 0.0 <= m < math.pi, "0 ≤ m < π", type(self).__name__)
+        check_number(type(self).__name__, "m", m, "0 ≤ m < π", lambda v: 0.0 <= v < math.pi)
         super().__init__(embedding_size, num_classes, s=s, m1=1.0, m2=m, m3=0.0)
         self.m = float(m)
 
@@ -143,7 +158,7 @@ class CosFaceHead(CombinedMarginHead):
     """CosFace (Wang et al., 2018): additive cosine margin, ψ(θ) = cos θ − m."""
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 0.35) -> None:
-        _check("m", m, 0.0 <= m <= 1.0, "0 ≤ m ≤ 1", type(self).__name__)
+        check_number(type(self).__name__, "m", m, "0 ≤ m ≤ 1", lambda v: 0.0 <= v <= 1.0)
         super().__init__(embedding_size, num_classes, s=s, m1=1.0, m2=0.0, m3=m)
         self.m = float(m)
 
@@ -153,7 +168,7 @@ class SphereFaceHead(CombinedMarginHead):
     and a fixed scale s (the original's unnormalised features and annealing are left out)."""
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 1.5) -> None:
-        _check("m", m, 1.0 <= m <= 10.0, "1 ≤ m ≤ 10", type(self).__name__)
+        check_number(type(self).__name__, "m", m, "1 ≤ m ≤ 10", lambda v: 1.0 <= v <= 10.0)
         super().__init__(embedding_size, num_classes, s=s, m1=m, m2=0.0, m3=0.0)
         self.m = float(m)
 
@@ -178,6 +193,11 @@ class SoftmaxHead(nn.Module):
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.linear(embeddings).float()
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def training_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """No margin: the training and the inference logits are the same tensor."""
         check_labels(labels, self.num_classes)
-        return self.logits(embeddings)
+        logits = self.logits(embeddings)
+        return logits, logits
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.training_logits(embeddings, labels)[0]

@@ -7,7 +7,7 @@ logged beside it only so the two can be compared; never select or report models 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from arcface_lightning import heads
+from arcface_lightning.checks import check_int
 from arcface_lightning.figures import angle_figure, class_angles, sphere_figure
 from arcface_lightning.metrics import embedding_metrics
 
@@ -47,6 +49,14 @@ class ArcFaceModule(L.LightningModule):
         channels_last: convolution weights and image batches in NHWC memory order. The same numbers up to float
             rounding, and oneDNN (CPU) and cuDNN (GPU, mixed precision) have faster kernels for it: one epoch of the
             seed recipe on 2 CPU cores takes about half the time (BENCHMARKS.md).
+        example_input_shape: (channels, height, width) of one image: Lightning's model summary then shows each
+            layer's output size and the FLOPs of one image's forward pass.
+
+    GPU note: a training step reads nothing back to the host except on the steps the loggers write (every
+    `trainer.log_every_n_steps`). Epoch aggregates accumulate on the device; label ranges are checked once by the
+    data module (data.py), not per step; and a non-finite loss is noted on the device at every step but only read,
+    and turned into a `DivergedError`, on logging steps (on CPU, where reading it is free, at every step). So on a
+    GPU a diverged run stops up to `log_every_n_steps` steps after its first non-finite loss.
     """
 
     def __init__(
@@ -59,9 +69,14 @@ class ArcFaceModule(L.LightningModule):
         figures: bool = True,
         projector_samples: int = 2000,
         channels_last: bool = True,
+        example_input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        check_int(type(self).__name__, "max_pairs", max_pairs)
+        check_int(type(self).__name__, "projector_samples", projector_samples, minimum=0)
         self.save_hyperparameters()
+        if example_input_shape is not None:
+            self.example_input_array = torch.zeros(1, *example_input_shape)
         self._test_embeddings: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per test loader
         self._val_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._thumbnails: list[torch.Tensor] = []
@@ -70,17 +85,22 @@ class ArcFaceModule(L.LightningModule):
         self.backbone.to(memory_format=self.memory_format)  # 4-D weights only; checkpoints load into it as usual
         self.head = instantiate(head)
         num_classes = self.head.num_classes
-        # one metric object per stage (and per definition): torchmetrics keeps their states apart
-        self.train_loss = MeanMetric()
-        self.train_samples = SumMetric()
-        # training predictions are our own argmax: skip torchmetrics' per-step input checks
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        # one metric object per stage (and per definition): torchmetrics keeps their states apart.
+        # Training aggregates are plain sums on the device: nan_strategy="disable" skips torchmetrics' NaN check
+        # (a host read per update), and the training accuracy is the mean of (prediction == label) because
+        # MulticlassAccuracy's bincount reads its input's maximum back to the host on CUDA.
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.train_samples = SumMetric(nan_strategy="disable")
+        self.train_acc = MeanMetric(nan_strategy="disable")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_margin = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_margin = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # in checkpoints, so a resumed run keeps its best so far
+        # true on the device once a training loss is not finite; read on logging steps only (see the class doc).
+        # A plain attribute, not a buffer: DDP would overwrite every rank's buffers with rank zero's.
+        self._loss_not_finite: torch.Tensor | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings (batch, embedding_size)."""
@@ -91,26 +111,35 @@ class ArcFaceModule(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         images, labels = batch
         embeddings = self(images)
-        margin_logits = self.head(embeddings, labels)  # the training objective: margin on the true class
+        # the training objective (margin on the true class) and the prediction (no margin, no labels), from one
+        # cosine matrix
+        margin_logits, logits = self.head.training_logits(embeddings, labels)
         loss = F.cross_entropy(margin_logits, labels)
-        with torch.no_grad():  # the prediction: no margin, no labels
-            preds = self.head.logits(embeddings).argmax(1)
-        return loss, preds, margin_logits.argmax(1), labels, embeddings
+        preds = logits.detach().argmax(1)
+        return loss, preds, margin_logits.detach().argmax(1), labels, embeddings
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, preds, _, labels, _ = self._step(batch)
-        if not torch.isfinite(loss):
-            raise DivergedError(
-                f"diverged: train/loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
-                "try a lower optimizer.lr or head.s"
-            )
+        detached = loss.detach()
+        not_finite = ~torch.isfinite(detached)
+        self._loss_not_finite = not_finite if self._loss_not_finite is None else self._loss_not_finite | not_finite
+        logging_step = self._loggers_write_this_step()
+        if (logging_step or heads.reads_are_free(detached)) and self._loss_not_finite.item():
+            value = detached.item()
+            when = f"at epoch {self.current_epoch}, step {self.global_step}"
+            seen = f"is {value} {when}" if not torch.isfinite(detached) else f"was not finite at a step before {when}"
+            raise DivergedError(f"diverged: train/loss {seen}; try a lower optimizer.lr or head.s")
         # On CPU each self.log call costs Lightning about 0.5 ms of bookkeeping, 3% of a step of the seed recipe.
         # So epoch aggregates accumulate in torchmetrics objects and go to self.log once per epoch, and the step loss
-        # is logged only on the steps the loggers write (every trainer.log_every_n_steps).
-        self.train_loss.update(loss.detach(), weight=len(labels))
-        self.train_acc.update(preds, labels)
-        self.train_samples.update(float(len(labels)))
-        if self._loggers_write_this_step():
+        # is logged only on the steps the loggers write (every trainer.log_every_n_steps). No update below reads a
+        # value back to the host, and the sample count is filled on the device (a tensor made from a Python
+        # number would be a synchronising host-to-device copy).
+        # The loss enters once per image (a view, no copy): torchmetrics' nan_strategy="disable" drops a `weight`
+        # argument (Lightning-AI/torchmetrics#3434), and a short last batch must not count as a full one.
+        self.train_loss.update(detached.expand(len(labels)))
+        self.train_acc.update((preds == labels).to(detached.dtype))
+        self.train_samples.update(detached.new_full((), len(labels)))
+        if logging_step:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 

@@ -1,6 +1,6 @@
 """Train: compose the config, fit, test the best checkpoint (by val/acc) once, write metrics.json.
 
-    python -m arcface_lightning.train                                  # default: ArcFace + SimpleCNN on MNIST
+    python -m arcface_lightning.train                                  # the default experiment (mnist_default)
     python -m arcface_lightning.train experiment=seed_mnist            # the seed script's recipe, measured right
     python -m arcface_lightning.train experiment=mnist_fast            # ≥ 99% in under 20 s on 2 CPU cores
     python -m arcface_lightning.train experiment=mnist_3d              # 3-D embeddings: sphere.png in the run dir
@@ -11,6 +11,7 @@
     python -m arcface_lightning.train -m head.s=8,16,32 head.m=0.1,0.3,0.5               # sweep (+ report)
     python -m arcface_lightning.train trainer=ddp_cpu                                     # DDP, 2 CPU processes
     python -m arcface_lightning.train --cfg job                        # print the composed config, run nothing
+    python -m arcface_lightning.train debug=fdr                        # one batch per stage: does it run?
 
 Outputs go to the Hydra run dir (logs/<task_name>/runs/<time>_<pid>/): .hydra/ (config, overrides), tensorboard/,
 checkpoints/ (last.ckpt and the best by val/acc), metrics.json.
@@ -23,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -34,10 +36,8 @@ import lightning as L
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -45,7 +45,18 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from arcface_lightning.data import DataError, first_line
+from arcface_lightning.config import (
+    ConfigError,
+    check_overrides,
+    check_run_keys,
+    check_types,
+    instantiate_node,
+    named_error,
+    one_line,
+    print_config,
+    root_cause,
+)
+from arcface_lightning.data import DataError
 from arcface_lightning.module import ArcFaceModule, DivergedError
 
 log = logging.getLogger(__name__)
@@ -69,20 +80,22 @@ def register_trainer_flags() -> None:
 register_trainer_flags()
 # ${repo_root:} in conf/paths: data/ and logs/ default to the repository, wherever the command is run from
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
+
+
+def native_bf16_precision(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """`bf16-mixed` where the default device computes bfloat16 natively (a CUDA GPU that supports it; a CPU with
+    AVX512-BF16 or AMX, read from /proc/cpuinfo), `32-true` elsewhere: emulated bf16 is slower than fp32, and
+    the recipes that use this (`trainer.precision: ${native_bf16:}`) reach the same accuracy in either."""
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return "bf16-mixed" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "32-true"
+
+
+OmegaConf.register_new_resolver("native_bf16", native_bf16_precision, use_cache=True, replace=True)
 # ${pid:} in run and sweep dir names: two runs started in the same second never share a folder. Cached, so the
 # jobs of a sweep (sent to other processes by launchers) see the launching process's value.
 OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
-
-
-class ConfigError(ValueError):
-    """A bad value on the command line or in a config file, found before any training starts."""
-
-
-def one_line(error: BaseException) -> str:
-    """The message a user needs: the root cause of Hydra's wrapped instantiation errors, first line only."""
-    while isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__
-    return first_line(error)
 
 
 def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
@@ -144,24 +157,62 @@ class CheckpointOnSigterm(L.Callback):
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trainer]:
-    """Instantiate data module, model and trainer from the config (configuration errors surface here)."""
-    datamodule = instantiate(cfg.data)
+    """Instantiate data module, model and trainer from the config; a bad value raises a ConfigError naming its key."""
+    datamodule = instantiate_node(cfg, "data")
 
     def plain(node: Any) -> Any:  # checkpoints keep plain containers only (weights_only-safe)
         return None if node is None else OmegaConf.to_container(node, resolve=True)
 
-    model = ArcFaceModule(
-        backbone=plain(cfg.backbone),
-        head=plain(cfg.head),
-        optimizer=plain(cfg.optimizer),
-        scheduler=plain(cfg.scheduler),
-        channels_last=cfg.get("channels_last", True),
-        **plain(cfg.get("evaluation") or {}),
-    )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_optimization(cfg)
+    try:
+        model = ArcFaceModule(
+            backbone=plain(cfg.backbone),
+            head=plain(cfg.head),
+            optimizer=plain(cfg.optimizer),
+            scheduler=plain(cfg.scheduler),
+            channels_last=cfg.get("channels_last", True),
+            example_input_shape=[cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size],
+            **plain(cfg.get("evaluation") or {}),
+        )
+    except Exception as error:  # name the group the failing class was configured in
+        text, owner = str(error), getattr(root_cause(error), "owner", None)
+        targets = {group: cfg[group]._target_ for group in ("backbone", "head")}
+        groups = [g for g, target in targets.items() if f"'{target}'" in text or target.endswith(f".{owner}")]
+        raise named_error(cfg, groups[0] if groups else "evaluation", error) from error
+    callbacks = [instantiate_node(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
+    loggers = [instantiate_node(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
+    trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
     return datamodule, model, trainer
+
+
+def check_optimization(cfg: DictConfig) -> None:
+    """Build the optimizer and scheduler once on a stand-in parameter, so that a bad value fails now, in one line,
+    and not when Lightning calls configure_optimizers after setting everything up."""
+    for key in ("lr", "weight_decay", "momentum"):  # torch's own messages do not name the key
+        value = cfg.optimizer.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+            raise ConfigError(f"optimizer.{key}={value!r} is invalid; allowed: a number ≥ 0")
+    try:
+        optimizer = instantiate_node(cfg, "optimizer")(params=[torch.nn.Parameter(torch.zeros(1))])
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise named_error(cfg, "optimizer", error) from error
+    if cfg.get("scheduler") is None:
+        return
+    factory = OmegaConf.select(cfg, "scheduler.scheduler")
+    if factory is None:
+        raise ConfigError("scheduler.scheduler is missing: the config of a partial torch.optim.lr_scheduler class")
+    if factory.get("total_steps", 0) is None:
+        factory = OmegaConf.merge(factory, {"total_steps": 1})
+    check_types(factory, "scheduler.scheduler")
+    try:
+        instantiate(factory)(optimizer=optimizer)
+    except Exception as error:
+        raise named_error(cfg, "scheduler.scheduler", error) from error
+    interval = cfg.scheduler.get("interval", "epoch")
+    if interval not in ("epoch", "step"):
+        raise ConfigError(f"scheduler.interval={interval!r} is invalid; allowed: epoch, step")
 
 
 def hparams_for_tensorboard(cfg: DictConfig) -> dict[str, Any]:
@@ -169,6 +220,8 @@ def hparams_for_tensorboard(cfg: DictConfig) -> dict[str, Any]:
     plumbing = {"data_dir", "download", "num_workers", "pin_memory", "eval_batch_size"}
     derived = {"embedding_size", "num_classes", "in_channels", "image_size"}  # interpolated from one place
     params: dict[str, Any] = {"seed": cfg.seed, "embedding_size": cfg.embedding_size}
+    if cfg.get("tags"):
+        params["tags"] = ",".join(cfg.tags)
     for group in ("data", "backbone", "head", "optimizer"):
         node = OmegaConf.to_container(cfg[group], resolve=True)
         params[group] = node.get("dataset") or node["_target_"].rsplit(".", 1)[-1]
@@ -183,16 +236,22 @@ def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if not k.endswith("_step")}
 
 
+def start(cfg: DictConfig) -> None:
+    """What every entry point does first: check the top-level keys, print the config if asked, set matmul precision."""
+    check_run_keys(cfg)
+    if cfg.get("extras") and cfg.extras.get("print_config") and rank_zero_only.rank == 0:
+        print_config(cfg)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision") or "highest")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then test the checkpoint with the best val/acc; return the final metrics (also in metrics.json)."""
+    start(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ckpt_path = check_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
     check_launch(cfg)
-    try:
-        datamodule, model, trainer = build(cfg)
-    except (ValueError, TypeError, InstantiationException, MisconfigurationException) as error:
-        raise ConfigError(one_line(error)) from error
+    datamodule, model, trainer = build(cfg)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = final_metrics(trainer.callback_metrics)
@@ -210,7 +269,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             shown = {k: v for k, v in metrics.items() if k in ("val/acc_best", "test/acc", "test/acc_margin")}
             logger.log_hyperparams(hparams_for_tensorboard(cfg), metrics=shown, step=trainer.global_step)
             logger.finalize("success")  # flush now: readers (tests, TensorBoard) must not wait for the writer thread
-    return {**metrics, "epochs": trainer.current_epoch, "best_checkpoint": best, "world_size": trainer.world_size}
+    return {
+        **metrics,
+        "epochs": trainer.current_epoch,
+        "best_checkpoint": best,
+        "world_size": trainer.world_size,
+        "tags": list(cfg.get("tags") or []),
+    }
 
 
 def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep: bool = False) -> dict[str, Any]:
@@ -257,21 +322,8 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep:
     return record
 
 
-def check_group_choices(args: list[str]) -> None:
-    """Refuse `group=name` when conf/<group>/ has no such file, in one line (Hydra's own message fills a screen)."""
-    for arg in args:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or "/" in key or not (CONF_DIR / key).is_dir() or "(" in value or value in ("", "null"):
-            continue  # not one of our groups (hydra/launcher=... comes from plugins), or a sweep function
-        choices = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-        for name in value.split(","):
-            if name not in choices:
-                raise SystemExit(f"error: {key}={name} is not a config in conf/{key}/; allowed: {', '.join(choices)}")
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     metrics = run(train, cfg, in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN)
     name = cfg.get("optimized_metric")
     # for Hydra sweepers (Optuna): a failed job returns NaN, which Optuna records as a failed trial
@@ -279,7 +331,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def cli() -> None:
-    check_group_choices(sys.argv[1:])
+    check_overrides(sys.argv[1:], config_name="train")
     main()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from torchvision import datasets
@@ -22,6 +23,12 @@ import arcface_lightning.train  # noqa: F401  (registers trainer/lightning in Hy
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: one thread each (and in the entry points they start), or the workers'
+    # OpenMP thread pools fight over the cores and every test runs several times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def class_images(labels: np.ndarray, side: int, channels: int, seed: int) -> np.ndarray:
@@ -123,17 +130,38 @@ def compose_config(*overrides: str, config_name: str = "train", return_hydra_con
         return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
+def tiny_config(data_root: Path, output_dir: Path, *overrides: str) -> DictConfig:
+    """TINY on `data_root`, writing into `output_dir`; the groups' own defaults (`~experiment`: no default
+    experiment) unless an experiment is chosen, so that these tests do not depend on the default recipe."""
+    chosen = any(o.startswith("experiment=") for o in overrides)
+    other_backbone = any(o.startswith("backbone=") for o in overrides)  # TINY's backbone keys are SimpleCNN's
+    tiny = [o for o in TINY if not (other_backbone and o.startswith("backbone."))]
+    cfg = compose_config(f"paths.data_dir={data_root}", *tiny, *([] if chosen else ["~experiment"]), *overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path, mnist_root: Path) -> Callable[..., DictConfig]:
     """A tiny, fast training config on synthetic MNIST, writing into tmp_path/run."""
 
     def make(*overrides: str) -> DictConfig:
-        cfg = compose_config(f"paths.data_dir={mnist_root}", *TINY, *overrides)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "run")
-        return cfg
+        return tiny_config(mnist_root, tmp_path / "run", *overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One tiny training run shared by the tests that only need a checkpoint: (data root, its metrics.json)."""
+    from arcface_lightning.train import run, train
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_mnist(root / "data")
+    L.seed_everything(0, verbose=False)
+    record = run(train, tiny_config(data, root / "run", "logger=csv", "trainer.max_epochs=2"))
+    return data, record
 
 
 def cli_command(module: str, *overrides: str) -> dict:

@@ -40,16 +40,19 @@ def test_resnet18_has_the_cifar_stem_and_resnet18_size() -> None:
     [
         (
             lambda: SimpleCNN(channels=[]),
-            r"^SimpleCNN: channels=\[\] is out of range; allowed: a list of integers ≥ 1$",
+            r"^SimpleCNN: channels=\[\] is invalid; allowed: a non-empty list of integers ≥ 1$",
         ),
-        (lambda: SimpleCNN(channels=[8, 0]), r"^SimpleCNN: channels=\[8, 0\] is out of range"),
-        (lambda: SimpleCNN(convs_per_block=0), r"^SimpleCNN: convs_per_block=0 is out of range; allowed: an integer"),
+        (lambda: SimpleCNN(channels=[8, 0]), r"^SimpleCNN: channels=\[8, 0\] is invalid"),
+        (lambda: SimpleCNN(convs_per_block=0), r"^SimpleCNN: convs_per_block=0 is invalid; allowed: an integer"),
         (
             lambda: SimpleCNN(image_size=4, channels=[4, 4, 4]),
-            r"image_size=4 is too small for 3 blocks; allowed: .* ≥ 8",
+            r"^SimpleCNN: image_size=4 is invalid; allowed: an integer ≥ 8$",
         ),
-        (lambda: ResNet(blocks=[2, 0]), r"^ResNet: blocks=\[2, 0\] is out of range; allowed: a list of integers ≥ 1$"),
-        (lambda: ResNet(width=0), r"^ResNet: width=0 is out of range; allowed: an integer ≥ 1$"),
+        (
+            lambda: ResNet(blocks=[2, 0]),
+            r"^ResNet: blocks=\[2, 0\] is invalid; allowed: a non-empty list of integers ≥ 1$",
+        ),
+        (lambda: ResNet(width=0), r"^ResNet: width=0 is invalid; allowed: an integer ≥ 1$"),
     ],
 )
 def test_bad_backbone_settings_are_one_line_errors(build, message: str) -> None:

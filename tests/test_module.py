@@ -9,9 +9,12 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.model_summary import ModelSummary
 
-from arcface_lightning.module import ArcFaceModule
+from arcface_lightning import heads
+from arcface_lightning.module import ArcFaceModule, DivergedError
 from arcface_lightning.train import build
+from arcface_lightning.train import train as run_train
 
 
 def test_a_training_step_moves_head_and_backbone(make_cfg) -> None:
@@ -108,3 +111,95 @@ def test_channels_last_is_a_memory_layout_not_a_different_model() -> None:
     images = torch.randn(16, 1, 28, 28)
     nhwc.eval(), nchw.eval()
     torch.testing.assert_close(nhwc(images), nchw(images), atol=1e-5, rtol=1e-4)  # float rounding only
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy")
+
+
+def test_training_steps_read_nothing_back_to_the_host_between_logging_steps(
+    make_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU each host read of a device tensor waits for the device. Accelerator tensors are simulated here by
+    telling the head and the module that reads are not free; every host read inside training_step is recorded."""
+    monkeypatch.setattr(heads, "reads_are_free", lambda tensor: False)
+    reads: list[tuple[int, str]] = []
+    step = {"global": -1}
+
+    def recording(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append((step["global"], name))
+            return original(self, *args, **kwargs)
+
+        return read
+
+    class Recorded(ArcFaceModule):
+        def training_step(self, batch, batch_idx):
+            step["global"] = self.global_step
+            with pytest.MonkeyPatch.context() as patch:
+                for name in HOST_READS:
+                    patch.setattr(torch.Tensor, name, recording(name))
+                return super().training_step(batch, batch_idx)
+
+    cfg = make_cfg("logger=csv", "trainer.log_every_n_steps=4", "trainer.limit_train_batches=8", "trainer.max_epochs=1")
+    datamodule, model, trainer = build(cfg)
+    model.__class__ = Recorded
+    trainer.fit(model, datamodule=datamodule)
+    assert {s for s, _ in reads} == {3, 7}  # the logging steps only (global_step + 1 divisible by 4)
+    # and a loss that stops being finite still ends the run, on the next logging step
+    model = Recorded(**{k: v for k, v in model.hparams.items()})
+    trainer = build(make_cfg("logger=csv", "trainer.log_every_n_steps=4", "trainer.max_epochs=1"))[2]
+    model.head.s = float("nan")  # every loss from the first step on is NaN
+    with pytest.raises(DivergedError, match=r"^diverged: train/loss is nan at epoch 0, step 3; "):
+        trainer.fit(model, datamodule=datamodule)
+
+
+def test_one_cosine_matrix_per_training_step(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The (batch × classes) matmul is the head's cost: the loss and the prediction share one."""
+    calls = []
+    original = heads.cosine_similarity
+    monkeypatch.setattr(heads, "cosine_similarity", lambda *a: calls.append(1) or original(*a))
+    _, model, _ = build(make_cfg())
+    images, labels = torch.randn(8, 1, 28, 28), torch.arange(8)
+    model.train()
+    loss, preds, margin_preds, _, embeddings = model._step((images, labels))
+    assert len(calls) == 1
+    with torch.no_grad():  # the same numbers as the two separate calls
+        margin_logits, logits = model.head(embeddings, labels), model.head.logits(embeddings)
+    assert torch.equal(preds, logits.argmax(1)) and torch.equal(margin_preds, margin_logits.argmax(1))
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(margin_logits, labels))
+
+
+def test_model_summary_shows_flops_from_the_example_input(make_cfg) -> None:
+    _, model, _ = build(make_cfg())
+    assert tuple(model.example_input_array.shape) == (1, 1, 28, 28)
+    summary = ModelSummary(model, max_depth=1)
+    assert summary.total_flops > 0 and summary.out_sizes[0] == [1, 16]  # backbone → (1, embedding_size)
+
+
+def test_learning_rate_is_logged_at_the_schedulers_interval(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("scheduler=onecycle", "logger=csv", "trainer.log_every_n_steps=2", "trainer.limit_train_batches=8")
+    run_train(cfg)
+    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
+    lrs = {int(row["step"]): float(row["lr-Adam"]) for row in rows if row.get("lr-Adam")}
+    assert sorted(lrs) == [1, 3, 5, 7]  # every logged step of the one epoch, not once per epoch
+    assert lrs[1] > lrs[3] > lrs[5] > lrs[7]  # OneCycle's decay after its short warm-up (steps 0-2)
+
+
+def test_epoch_loss_and_accuracy_weigh_every_image_once(make_cfg) -> None:
+    """500 images in batches of 32: the short last batch (20 images) must count 20 times, not as a full batch."""
+
+    class Steps(L.Callback):
+        def __init__(self) -> None:
+            self.losses: list[tuple[float, int]] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.losses.append((float(outputs["loss"]), len(batch[1])))
+
+    datamodule, model, trainer = build(make_cfg("logger=csv", "data.val_size=100", "data.batch_size=32"))
+    trainer.callbacks.append(steps := Steps())
+    trainer.fit(model, datamodule=datamodule)
+    assert [n for _, n in steps.losses][-1] == 500 % 32 and trainer.callback_metrics["train/samples"] == 500
+    expected = sum(loss * n for loss, n in steps.losses) / 500
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(expected, rel=1e-5)

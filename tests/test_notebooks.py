@@ -15,7 +15,6 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from arcface_lightning.train import run, train
 from conftest import ROOT, write_mnist
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -123,13 +122,13 @@ def test_embeddings_trains_its_own_open_set_model(tmp_path: Path, monkeypatch: p
     assert "openset/map_at_r" in written
 
 
-def test_embeddings_of_a_given_checkpoint(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embeddings_of_a_given_checkpoint(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ARCFACE_CKPT: no training; a 16-D, 10-class model has no sphere figure and no open set."""
-    record = run(train, make_cfg("logger=csv"))
+    data, record = trained
     notebook = execute(
         "02_embeddings.ipynb",
         monkeypatch,
-        ARCFACE_DATA_DIR=tmp_path / "data",
+        ARCFACE_DATA_DIR=data,
         ARCFACE_CKPT=record["best_checkpoint"],
         ARCFACE_NOTEBOOK_OUT=tmp_path / "out",
     )

@@ -67,7 +67,7 @@ def test_one_bad_grid_point_fails_alone(mnist_root: Path, tmp_path: Path) -> Non
     rows = {r["head.m"]: r for r in summary(sweep)}
     assert rows["0.3"]["status"] == "ok" and float(rows["0.3"]["test/acc"]) > 0
     assert rows["5"]["status"] == "failed"
-    assert rows["5"]["error"] == "ArcFaceHead: m=5 is out of range; allowed: 0 ≤ m < π"
+    assert rows["5"]["error"] == "head.m=5 is invalid; allowed: 0 ≤ m < π (ArcFaceHead)"
 
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(mnist_root: Path, tmp_path: Path) -> None:
@@ -80,9 +80,17 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(mnist_root: Path, tmp_p
 
 
 def test_optuna_search_runs_trials_and_returns_the_metric(mnist_root: Path, tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    result = multirun(sweep, mnist_root, "hparams_search=optuna", "hydra.sweeper.n_trials=2")
+    """Two trials kept in a SQLite study, then the study resumed for one more (the README's storage command)."""
+    sweep, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = ["hparams_search=optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=resumable"]
+    result = multirun(sweep, mnist_root, *study, "hydra.sweeper.n_trials=2")
     assert result.returncode == 0, result.stderr[-3000:]
+    result = multirun(tmp_path / "resumed", mnist_root, *study, "hydra.sweeper.n_trials=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import optuna
+
+    trials = optuna.load_study(study_name="resumable", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3  # 2 written, then 1 more in the resumed study
     rows = summary(sweep)
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     for row in rows:  # Optuna's suggestions stay inside the search space

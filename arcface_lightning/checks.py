@@ -1,0 +1,61 @@
+"""Argument checks for the heads, backbones and data module (plain Python, no framework imports).
+
+A bad value raises `BadValue`, a ValueError that names the argument, the value and what is allowed. Used directly,
+the message reads `ArcFaceHead: s=-1 is invalid; allowed: a finite number > 0`; the entry points catch it and
+name the config key instead (`head.s=-1 ...`, see config.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+class BadValue(ValueError):
+    def __init__(self, owner: str, name: str, value: Any, allowed: str) -> None:
+        self.owner, self.name, self.value, self.allowed = owner, name, value, allowed
+        super().__init__(f"{owner}: {name}={value!r} is invalid; allowed: {allowed}")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type when the message is empty)."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def require(owner: str, name: str, value: Any, allowed: str, ok: Callable[[Any], bool]) -> None:
+    """Raise BadValue unless ok(value); a value ok cannot even compare (a string for a number) is bad too."""
+    try:
+        good = bool(ok(value))
+    except (TypeError, ValueError):
+        good = False
+    if not good:
+        raise BadValue(owner, name, value, allowed)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
+    require(owner, name, value, f"an integer ≥ {minimum}", lambda v: is_int(v) and v >= minimum)
+
+
+def check_ints(owner: str, name: str, values: Sequence[Any], minimum: int = 1) -> None:
+    allowed = f"a non-empty list of integers ≥ {minimum}"
+    require(owner, name, values, allowed, lambda vs: len(vs) > 0 and all(is_int(v) and v >= minimum for v in vs))
+
+
+def check_number(owner: str, name: str, value: Any, allowed: str, ok: Callable[[float], bool]) -> None:
+    """A finite int or float for which ok(value) holds."""
+    require(owner, name, value, allowed, lambda v: is_number(v) and ok(v))
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> None:
+    allowed = ", ".join("null" if c is None else str(c) for c in choices)
+    require(owner, name, value, allowed, lambda v: v in choices)

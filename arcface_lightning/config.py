@@ -1,0 +1,257 @@
+"""Config errors for the entry points: bad command lines and bad values become one line that names the key.
+
+- `check_overrides(argv)`: before Hydra starts, every config-group choice on the command line must name a file in
+  conf/<group>/. The overrides are read with Hydra's own parser, so its whole grammar works (`+`, `++`, `~`,
+  `group@pkg=`, lists for multi-select such as `logger=[csv,tensorboard]`, sweeps, `choice()`, `glob()`);
+  only the membership test is ours, to say it in one line.
+- `instantiate_node(cfg, key)`: `hydra.utils.instantiate` whose errors name the config key. A `BadValue` from a
+  head, backbone or the data module (checks.py) becomes `head.s=-1 is invalid; allowed: ...`, or names the
+  top-level key a value was interpolated from (`embedding_size=...` for `backbone.embedding_size: ${embedding_size}`).
+- `check_run_keys(cfg)`: the top-level keys of conf/train.yaml and conf/eval.yaml.
+- `print_config(cfg)`: the composed config at start (`extras.print_config`), as a rich tree where rich is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser  # the parser hydra.main uses: which arguments are overrides
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, Glob, Override
+from hydra.errors import HydraException, InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from arcface_lightning.checks import BadValue, first_line, is_int, require
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# config choices that need an optional plugin: (its module, the pyproject extra that installs it)
+PLUGINS = {
+    "hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+    "hydra/launcher=submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "hydra/launcher=submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+}
+INTERPOLATION = re.compile(r"\$\{([\w.]+)\}")
+
+
+class ConfigError(ValueError):
+    """A bad value on the command line or in a config file, found before any training starts."""
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The error under Hydra's InstantiationException wrappers."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def one_line(error: BaseException) -> str:
+    """The message a user needs: the root cause of Hydra's wrapped instantiation errors, first line only."""
+    return first_line(root_cause(error))
+
+
+def group_values(override: Override, options: list[str]) -> list[str]:
+    """The config names an override of a group selects (several for a list, a sweep or a glob)."""
+    if override.is_sweep_override():
+        if isinstance(override.value(), Glob):
+            return override.value().filter(options)
+        if isinstance(override.value(), ChoiceSweep):
+            return list(override.sweep_string_iterator())
+        return [override.input_line.partition("=")[2]]  # range() or interval() of a group: never a config name
+    value = override.value()
+    values = value if isinstance(value, list) else [value]
+    return [str(v) for v in values if v is not None and "${" not in str(v)]  # null deselects; ${..} resolves later
+
+
+def check_overrides(argv: list[str], config_name: str, conf_dir: Path = CONF_DIR) -> None:
+    """Exit with one line when a command-line override cannot be parsed, selects a config that conf/<group>/ does
+    not have, needs a plugin that is not installed, or (single runs) does not compose. Groups of Hydra and its
+    plugins (hydra/...) are left to Hydra."""
+    args = get_args_parser().parse_args(argv)
+    parser = OverridesParser.create()
+    for text in args.overrides:
+        try:
+            override = parser.parse_override(text)
+        except HydraException as error:
+            reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+            raise SystemExit(f"error: cannot parse the override {text!r}: {reason}") from None
+        group = override.key_or_group
+        folder = conf_dir / group
+        if group.startswith("hydra/") or not folder.is_dir() or (override.is_delete() and override.value() is None):
+            continue
+        if override.value() is None and not override.is_delete():  # Hydra 1.3 only deselects with ~
+            raise SystemExit(f"error: {text}: a config group is deselected with ~{group}, not {group}=null")
+        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        if isinstance(override.value(), Glob) and not override.value().filter(options):
+            raise SystemExit(f"error: {text} matches no config in conf/{group}/; allowed: {', '.join(options)}")
+        for name in group_values(override, options):
+            if name not in options:
+                raise SystemExit(
+                    f"error: {group}={name} is not a config in conf/{group}/; allowed: {', '.join(options)}"
+                )
+    for text in args.overrides:
+        choice = text.lstrip("+~")
+        if choice in PLUGINS and importlib.util.find_spec(PLUGINS[choice][0]) is None:
+            raise SystemExit(
+                f"error: {choice} needs the {PLUGINS[choice][1]!r} extra: pip install -e '.[{PLUGINS[choice][1]}]'"
+            )
+    plain_run = not (args.multirun or args.cfg or args.help or args.hydra_help or args.info or args.shell_completion)
+    if plain_run and not (args.config_path or args.config_dir or args.config_name):
+        check_composition(args.overrides, config_name, conf_dir)
+
+
+def check_composition(overrides: list[str], config_name: str, conf_dir: Path) -> None:
+    """Compose the config as hydra.main is about to, and say in one line why it does not compose (a key that the
+    config does not have, a value of the wrong type for a typed node)."""
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        try:
+            compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+            return
+        except (HydraException, OmegaConfBaseException) as error:
+            message = str(error)
+        missing = re.match(r"Could not override '([^']+)'", message)
+        if missing is None:
+            lines = [line.strip() for line in message.splitlines() if line.strip()]
+            lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
+            raise SystemExit(f"error: {'; '.join(lines[:3])}")
+        key = missing.group(1)
+        parent = key.rpartition(".")[0]
+        others = [o for o in overrides if not o.lstrip("+~").startswith(key)]
+        try:  # the keys the node does have, from the config composed without the offending override
+            node = OmegaConf.select(compose(config_name=config_name, overrides=others), parent or "")
+            keys = ", ".join(k for k in node if not str(k).startswith("_")) if isinstance(node, DictConfig) else "?"
+        except (HydraException, OmegaConfBaseException):
+            keys = "?"
+        where = f"{parent} has" if parent else "the config has"
+        raise SystemExit(f"error: {key}: no such key; {where}: {keys} (a new key needs a '+': +{key}=...)")
+
+
+def source_key(cfg: DictConfig, key: str, name: str) -> str:
+    """The key a user sets for argument `name` of the node at `key`: the key it is interpolated from, if any."""
+    node = OmegaConf.select(cfg, key)
+    raw = OmegaConf.to_container(node, resolve=False).get(name) if isinstance(node, DictConfig) else None
+    match = INTERPOLATION.fullmatch(raw) if isinstance(raw, str) else None
+    return match.group(1) if match else f"{key}.{name}"
+
+
+def named_error(cfg: DictConfig, key: str, error: BaseException) -> ConfigError:
+    """A ConfigError whose one line names the config key the bad value came from."""
+    cause = root_cause(error)
+    if isinstance(cause, BadValue):
+        where = source_key(cfg, key, cause.name)
+        return ConfigError(f"{where}={cause.value!r} is invalid; allowed: {cause.allowed} ({cause.owner})")
+    line = first_line(cause)
+    return ConfigError(line if line.startswith(f"{key}.") else f"{key}: {line}")  # named already, or name it
+
+
+def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """instantiate(cfg.<key>) with any error turned into a ConfigError that names the key."""
+    node = OmegaConf.select(cfg, key)
+    check_types(node, key)
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as error:
+        raise named_error(cfg, key, error) from error
+
+
+PRIMITIVES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def accepts(hint: Any, value: Any) -> bool:
+    """Whether a plain config value fits a type hint; hints this cannot judge (classes, containers) accept."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(accepts(arg, value) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool or hint is type(None) or hint is str:
+        return isinstance(value, hint)
+    if hint is int:
+        return is_int(value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return not isinstance(value, (int, float, str, bool)) or value is None or hint is typing.Any or origin is None
+
+
+def describe(hint: Any) -> str:
+    """`Optional[int]` → "an integer or null"; a union of Literals → its values, once each."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        literals = [a for arg in args if typing.get_origin(arg) is typing.Literal for a in typing.get_args(arg)]
+        others = [describe(arg) for arg in args if typing.get_origin(arg) is not typing.Literal]
+        return " or ".join(dict.fromkeys(([", ".join(dict.fromkeys(map(str, literals)))] if literals else []) + others))
+    if origin is typing.Literal:
+        return ", ".join(map(str, args))
+    return PRIMITIVES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_types(node: Any, key: str) -> None:
+    """Plain values of a third-party `_target_` (Lightning's Trainer, callbacks, loggers, torch optimizers) checked
+    against its constructor's type hints: `trainer.max_epochs=abc` fails now, naming the key, not mid-run.
+    The project's own classes check their arguments themselves, with more to say (checks.py)."""
+    if not isinstance(node, DictConfig) or not isinstance(node.get("_target_"), str):
+        return
+    if node._target_.startswith("arcface_lightning."):
+        return
+    try:
+        hints = typing.get_type_hints(hydra.utils.get_class(node._target_).__init__)
+    except Exception:  # a function target, or hints that do not resolve: nothing to check against
+        return
+    for name, value in node.items():
+        if name in hints and not OmegaConf.is_config(value) and not accepts(hints[name], value):
+            raise ConfigError(f"{key}.{name}={value!r} is invalid; allowed: {describe(hints[name])}")
+
+
+def check_run_keys(cfg: DictConfig) -> None:
+    """The top-level keys every entry point reads, checked before any work."""
+    precisions = ("highest", "high", "medium")
+    checks = [
+        ("seed", "null or an integer ≥ 0", lambda v: v is None or (is_int(v) and v >= 0)),
+        ("embedding_size", "an integer ≥ 2", lambda v: is_int(v) and v >= 2),
+        ("matmul_precision", ", ".join(precisions), lambda v: v in precisions),
+        ("channels_last", "true or false", lambda v: isinstance(v, bool)),
+        ("extras.print_config", "true or false", lambda v: isinstance(v, bool)),
+        (
+            "tags",
+            "a list of strings, e.g. tags=[baseline,s16]",
+            lambda v: all(isinstance(t, str) for t in v) and isinstance(v, list),
+        ),
+    ]
+    for key, allowed, ok in checks:
+        value = OmegaConf.select(cfg, key, default=None)
+        if OmegaConf.is_list(value):
+            value = OmegaConf.to_container(value)
+        if value is None:  # absent, or null: the default
+            continue
+        try:
+            require("config", key, value, allowed, ok)
+        except BadValue as error:
+            raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}") from error
+
+
+def print_config(cfg: DictConfig) -> None:
+    """The composed config, resolved where it can be; a rich tree when rich is installed, YAML otherwise."""
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    text = OmegaConf.to_yaml(container)
+    try:
+        import rich
+        from rich.syntax import Syntax
+        from rich.tree import Tree
+    except ImportError:
+        print(text, flush=True)
+        return
+    tree = Tree("config", guide_style="dim")
+    for key, value in container.items():
+        branch = tree.add(str(key))
+        body = OmegaConf.to_yaml(value) if isinstance(value, (dict, list)) else str(value)
+        branch.add(Syntax(body.rstrip(), "yaml", theme="ansi_dark"))
+    rich.print(tree)
