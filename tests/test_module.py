@@ -175,7 +175,9 @@ def test_model_summary_shows_flops_from_the_example_input(make_cfg) -> None:
     _, model, _ = build(make_cfg())
     assert tuple(model.example_input_array.shape) == (1, 1, 28, 28)
     summary = ModelSummary(model, max_depth=1)
-    assert summary.total_flops > 0 and summary.out_sizes[0] == [1, 16]  # backbone → (1, embedding_size)
+    assert summary.out_sizes[0] == [1, 16]  # backbone → (1, embedding_size)
+    if hasattr(summary, "total_flops"):  # Lightning ≥ 2.6 counts FLOPs; 2.5 (the floor) shows the sizes only
+        assert summary.total_flops > 0
 
 
 def test_learning_rate_is_logged_at_the_schedulers_interval(make_cfg, tmp_path: Path) -> None:
