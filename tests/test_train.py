@@ -13,9 +13,10 @@ from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from arcface_lightning.config import print_config
+from arcface_lightning.evaluate import evaluate
 from arcface_lightning.module import DivergedError
 from arcface_lightning.train import ConfigError, build, run, train
-from conftest import ROOT, TINY, cifar10_checksums, cli, compose_config, write_cifar10
+from conftest import ROOT, TINY, cifar10_checksums, cli, compose_config, write_cifar10, write_mnist
 
 
 def test_fast_dev_run(make_cfg) -> None:
@@ -296,3 +297,23 @@ def test_low_dimensional_embeddings_get_the_circle_or_sphere_figure(make_cfg, tm
     assert figure.startswith(b"\x89PNG") and len(figure) > 10_000
     (metadata,) = (tmp_path / "run" / "tensorboard").rglob("metadata.tsv")
     assert len(metadata.read_text().split()) == 50  # the projector keeps evaluation.projector_samples
+
+
+def test_a_checkpoint_written_before_issue_11_still_evaluates_to_its_numbers(tmp_path: Path) -> None:
+    """tests/data/main_29ab32c.ckpt was written by the code before issue 11 (see its .json): it must load (weights
+    only) and evaluate to the test metrics that run measured."""
+    expected = json.loads((ROOT / "tests" / "data" / "main_29ab32c.json").read_text())
+    data = write_mnist(tmp_path / "data")
+    cfg = compose_config(
+        f"ckpt_path={ROOT / 'tests' / 'data' / 'main_29ab32c.ckpt'}",
+        f"paths.data_dir={data}",
+        "trainer=cpu",
+        "logger=csv",
+        "data.download=false",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        config_name="eval",
+    )
+    cfg.paths.output_dir = str(tmp_path / "eval")
+    record = run(evaluate, cfg)
+    for key in ("test/loss", "test/acc", "test/acc_margin", "test/map_at_r", "test/verification_auc"):
+        assert record[key] == pytest.approx(expected[key], abs=1e-5), key
