@@ -9,11 +9,14 @@
   top-level key a value was interpolated from (`embedding_size=...` for `backbone.embedding_size: ${embedding_size}`).
 - `check_run_keys(cfg)`: the top-level keys of conf/train.yaml and conf/eval.yaml.
 - `print_config(cfg)`: the composed config at start (`extras.print_config`), as a rich tree where rich is installed.
+- `register_configs()`: what conf/ needs besides its files (the trainer/lightning node, the resolvers).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import os
 import re
 import types
 import typing
@@ -21,8 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra.utils
+import lightning as L
+import torch
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser  # the parser hydra.main uses: which arguments are overrides
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Glob, Override
 from hydra.errors import HydraException, InstantiationException
@@ -32,7 +38,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from arcface_lightning.checks import BadValue, first_line, is_int, require
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
 # config choices that need an optional plugin: (its module, the pyproject extra that installs it)
 PLUGINS = {
     "hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
@@ -41,6 +48,40 @@ PLUGINS = {
     "hydra/launcher=submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
 }
 INTERPOLATION = re.compile(r"\$\{([\w.]+)\}")
+
+
+def native_bf16_precision(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """`bf16-mixed` where the default device computes bfloat16 natively (a CUDA GPU that supports it; a CPU with
+    AVX512-BF16 or AMX, read from /proc/cpuinfo), `32-true` elsewhere, where emulated bf16 is slower than fp32.
+    bf16 changes float rounding, not the recipe (`trainer.precision: ${native_bf16:}`)."""
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return "bf16-mixed" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "32-true"
+
+
+def register_configs() -> None:
+    """What conf/ needs besides its own files; call it before composing a config and before resolving one. The
+    entry points call it in their cli() and again in each job (launchers run jobs in fresh processes).
+
+    - config `trainer/lightning`: every Lightning Trainer flag at its default, which trainer/default.yaml extends,
+      so `trainer.<any flag>=...` works without `+` and stays in step with the installed Lightning;
+    - `${repo_root:}`: data/ and logs/ default to the repository, wherever the command is run from;
+    - `${native_bf16:}`: see native_bf16_precision;
+    - `${pid:}` in run and sweep dir names: two runs started in the same second never share a folder. Cached, so
+      the jobs of a sweep, sent to other processes by launchers, see the launching process's value.
+    """
+    flags = {
+        name: p.default
+        for name, p in inspect.signature(L.Trainer.__init__).parameters.items()
+        if name != "self" and (p.default is None or isinstance(p.default, (bool, int, float, str)))
+    }
+    ConfigStore.instance().store(
+        group="trainer", name="lightning", node={"_target_": "lightning.pytorch.Trainer", **flags}
+    )
+    OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
+    OmegaConf.register_new_resolver("native_bf16", native_bf16_precision, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
 
 
 class ConfigError(ValueError):

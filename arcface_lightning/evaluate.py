@@ -16,10 +16,18 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from arcface_lightning.checks import BadValue
-from arcface_lightning.config import ConfigError, check_overrides, instantiate_node, named_error, one_line, root_cause
+from arcface_lightning.config import (
+    ConfigError,
+    check_overrides,
+    instantiate_node,
+    named_error,
+    one_line,
+    register_configs,
+    root_cause,
+)
 from arcface_lightning.data import ImageDataModule
 from arcface_lightning.module import ArcFaceModule
-from arcface_lightning.train import check_ckpt_path, final_metrics, run, start
+from arcface_lightning.runs import check_ckpt_path, final_metrics, run, start
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -45,10 +53,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    register_configs()
     run(evaluate, cfg)
 
 
 def cli() -> None:
+    register_configs()
     check_overrides(sys.argv[1:], config_name="eval")
     main()
 

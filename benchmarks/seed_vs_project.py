@@ -69,9 +69,11 @@ def one_throughput(variant: str, data: str, batches: int, batch_size: int) -> tu
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
+    from arcface_lightning.config import CONF_DIR, register_configs
     from arcface_lightning.module import ArcFaceModule
-    from arcface_lightning.train import CONF_DIR, build
+    from arcface_lightning.train import build
 
+    register_configs()
     warm = 20  # steps before the clocks start, in both: first-call costs are no throughput
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -19,10 +19,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from torchvision import datasets
 
-import arcface_lightning.train  # noqa: F401  (registers trainer/lightning in Hydra's ConfigStore)
+from arcface_lightning.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+register_configs()  # the trainer/lightning config node and the ${...} resolvers conf/ uses
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist runs one worker per core: one thread each (and in the entry points they start), or the workers'
@@ -155,7 +156,8 @@ def make_cfg(tmp_path: Path, mnist_root: Path) -> Callable[..., DictConfig]:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """One tiny training run shared by the tests that only need a checkpoint: (data root, its metrics.json)."""
-    from arcface_lightning.train import run, train
+    from arcface_lightning.runs import run
+    from arcface_lightning.train import train
 
     root = tmp_path_factory.mktemp("trained")
     data = write_mnist(root / "data")

@@ -11,7 +11,8 @@ import torch
 from hydra.types import RunMode
 from hydra.utils import instantiate
 
-from arcface_lightning.train import build, native_bf16_precision
+from arcface_lightning.config import native_bf16_precision
+from arcface_lightning.train import build
 from conftest import CONF, compose_config
 
 OPTIONS = {

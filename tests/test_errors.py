@@ -14,7 +14,8 @@ import pytest
 
 from arcface_lightning.config import ConfigError, check_overrides
 from arcface_lightning.evaluate import evaluate
-from arcface_lightning.train import run, train
+from arcface_lightning.runs import run
+from arcface_lightning.train import train
 from conftest import CONF, cli, compose_config, tiny_config
 
 BAD_TRAIN = [

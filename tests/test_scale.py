@@ -139,7 +139,7 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path: Path) -> None:
     "content, message", [(None, "does not exist"), (b"not a checkpoint", "is not a readable checkpoint")]
 )
 def test_bad_ckpt_path_is_one_line_and_overwrites_nothing(make_cfg, tmp_path: Path, content, message) -> None:
-    from arcface_lightning.train import run
+    from arcface_lightning.runs import run
 
     ckpt = tmp_path / "x.ckpt"
     if content is not None:

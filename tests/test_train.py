@@ -12,10 +12,11 @@ import torch
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from arcface_lightning.config import print_config
+from arcface_lightning.config import ConfigError, print_config
 from arcface_lightning.evaluate import evaluate
 from arcface_lightning.module import DivergedError
-from arcface_lightning.train import ConfigError, build, run, train
+from arcface_lightning.runs import run
+from arcface_lightning.train import build, train
 from conftest import ROOT, TINY, cifar10_checksums, cli, compose_config, write_cifar10, write_mnist
 
 

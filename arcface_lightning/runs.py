@@ -1,0 +1,110 @@
+"""What train and evaluate share around their task: checks at the start, the checkpoint path, and the outcome
+(status ok, failed, diverged or interrupted) written to metrics.json, with one line on the console for a user error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig
+
+from arcface_lightning.config import ConfigError, check_run_keys, one_line, print_config
+from arcface_lightning.data import DataError
+from arcface_lightning.module import DivergedError
+
+log = logging.getLogger(__name__)
+USER_ERRORS = (ConfigError, DataError, DivergedError)  # explained in one line, no traceback
+
+
+def start(cfg: DictConfig) -> None:
+    """What every entry point does first: check the top-level keys, print the config if asked, set matmul precision."""
+    check_run_keys(cfg)
+    if cfg.get("extras") and cfg.extras.get("print_config") and rank_zero_only.rank == 0:
+        print_config(cfg)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision") or "highest")
+
+
+def check_ckpt_path(ckpt_path: str | None, output_dir: Path | None = None) -> str | None:
+    """A readable checkpoint file, or None. `last` means <run dir>/checkpoints/last.ckpt of this run's dir."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last" and output_dir is not None:
+        ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+        if not Path(ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path=last: no {ckpt_path}; pass hydra.run.dir=<the run dir to resume>")
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist; give the path of a .ckpt file")
+    try:  # fail now, with one line, rather than after Lightning has set everything up
+        torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise ConfigError(f"ckpt_path={ckpt_path} is not a readable checkpoint: {one_line(error)}") from error
+    return ckpt_path
+
+
+def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if not k.endswith("_step")}
+
+
+def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Write metrics.json atomically (a reader never sees half a file); NaN/inf become null (strict JSON)."""
+    metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep: bool = False) -> dict[str, Any]:
+    """Run a task and record its outcome in metrics.json (status ok, failed or diverged).
+
+    Alone, a user error or a divergence exits with one line, and any other error keeps its traceback. In a sweep
+    (`in_sweep`), every failure is recorded and logged and the job returns, so the other jobs and the report go on.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    began = time.perf_counter()
+    record: dict[str, Any] = {"seed": cfg.get("seed"), "status": "ok"}
+    failure: BaseException | None = None
+    try:
+        record.update(task(cfg))
+    except SIGTERMException:  # Lightning stopped at a step boundary; CheckpointOnSigterm saved last.ckpt
+        record.update(status="interrupted", error=f"SIGTERM; resume: ckpt_path=last hydra.run.dir={output_dir}")
+        write_metrics(output_dir, {**record, "wall_time_s": round(time.perf_counter() - began, 3)})
+        raise SystemExit(f"interrupted: {record['error']}") from None
+    except USER_ERRORS as error:
+        failure = error
+    except Exception as error:
+        failure = error
+        if in_sweep:
+            log.exception("job failed")  # the traceback goes to this job's log file
+    if failure is not None:
+        status = "diverged" if isinstance(failure, DivergedError) else "failed"
+        record.update(status=status, error=one_line(failure))
+    record["wall_time_s"] = round(time.perf_counter() - began, 3)
+    path = output_dir / "metrics.json"
+    # One writer (rank zero under DDP); and a refused resume never overwrites the record of the run it names.
+    refused = isinstance(failure, ConfigError) and path.exists()
+    if rank_zero_only.rank == 0 and not refused:
+        write_metrics(output_dir, record)
+    if failure is None and rank_zero_only.rank == 0:
+        log.info("run dir: %s", output_dir.resolve())
+        log.info("metrics: %s", path)
+        log.info("curves:  tensorboard --logdir %s", output_dir.resolve())
+    elif in_sweep:
+        log.error("%s: %s (%s)", record["status"], record["error"], output_dir)
+    elif isinstance(failure, USER_ERRORS):
+        raise SystemExit(f"error: {record['error']}") from None
+    else:
+        raise failure
+    return record
