@@ -198,8 +198,8 @@ def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     """instantiate(cfg.<key>) with any error turned into a ConfigError that names the key."""
     node = OmegaConf.select(cfg, key)
     check_types(node, key)
-    try:
-        return instantiate(node, **kwargs)
+    try:  # from a plain copy: Hydra resolves the node it instantiates in place, and named_error needs cfg intact
+        return instantiate(OmegaConf.to_container(node, resolve=True), **kwargs)
     except Exception as error:
         raise named_error(cfg, key, error) from error
 

@@ -7,7 +7,7 @@ logged beside it only so the two can be compared; never select or report models 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -32,14 +33,17 @@ class DivergedError(FloatingPointError):
 class ArcFaceModule(L.LightningModule):
     """Embedding model trained through an angular-margin head.
 
-    Built from config mappings (`_target_` dicts, as in `conf/`) rather than live objects, so a checkpoint holds only
-    plain data: `ArcFaceModule.load_from_checkpoint(path)` rebuilds the model with no other argument, and loads
-    with torch's safe `weights_only=True`.
+    The parts come as config mappings (`_target_` dicts, as conf/model/arcface.yaml passes them) or as live objects.
+    From configs, a checkpoint holds only plain data: `ArcFaceModule.load_from_checkpoint(path)` rebuilds the model
+    with no other argument, and loads with torch's safe `weights_only=True`. Live objects (a notebook, another
+    training loop) are not saved as hyper-parameters; pass them again to `load_from_checkpoint(path, backbone=...)`.
 
     Args:
-        backbone: config of an nn.Module mapping images to embeddings.
-        head: config of a head with `forward(embeddings, labels)`, `logits(embeddings)` and `num_classes`.
-        optimizer: config of a partial optimizer (`_partial_: true`), called with all parameters (backbone and head).
+        backbone: an nn.Module mapping images to embeddings, or its config.
+        head: a head with `training_logits(embeddings, labels)`, `logits(embeddings)` and `num_classes` (heads.py),
+            or its config.
+        optimizer: a callable `params -> torch.optim.Optimizer` (e.g. `functools.partial(torch.optim.Adam, lr=1e-3)`),
+            or the config of one (`_partial_: true`); called with all parameters (backbone and head).
         scheduler: None, or Lightning's lr-scheduler dict whose `scheduler` is a partial config; a `total_steps: null`
             in it is filled with the trainer's estimated number of optimizer steps (for OneCycleLR).
         max_pairs: verification pairs sampled at test time (see metrics.py) when the test set has more.
@@ -61,9 +65,9 @@ class ArcFaceModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: Mapping[str, Any],
-        head: Mapping[str, Any],
-        optimizer: Mapping[str, Any],
+        backbone: nn.Module | Mapping[str, Any],
+        head: nn.Module | Mapping[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer] | Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         max_pairs: int = 200_000,
         figures: bool = True,
@@ -74,16 +78,22 @@ class ArcFaceModule(L.LightningModule):
         super().__init__()
         check_int(type(self).__name__, "max_pairs", max_pairs)
         check_int(type(self).__name__, "projector_samples", projector_samples, minimum=0)
-        self.save_hyperparameters()
+        live = [
+            name
+            for name, part in (("backbone", backbone), ("head", head), ("optimizer", optimizer))
+            if not isinstance(part, Mapping)
+        ]
+        self.save_hyperparameters(ignore=live)
+        self.optimizer_factory = optimizer if callable(optimizer) else instantiate(optimizer)
         if example_input_shape is not None:
             self.example_input_array = torch.zeros(1, *example_input_shape)
         self._test_embeddings: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per test loader
         self._val_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._thumbnails: list[torch.Tensor] = []
-        self.backbone = instantiate(backbone)
+        self.backbone = backbone if isinstance(backbone, nn.Module) else instantiate(backbone)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)  # 4-D weights only; checkpoints load into it as usual
-        self.head = instantiate(head)
+        self.head = head if isinstance(head, nn.Module) else instantiate(head)
         num_classes = self.head.num_classes
         # one metric object per stage (and per definition): torchmetrics keeps their states apart.
         # Training aggregates are plain sums on the device: nan_strategy="disable" skips torchmetrics' NaN check
@@ -247,7 +257,7 @@ class ArcFaceModule(L.LightningModule):
         return embeddings
 
     def configure_optimizers(self) -> Any:
-        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self.parameters())
         if self.hparams.scheduler is None:
             return optimizer
         lr_scheduler = dict(self.hparams.scheduler)

@@ -91,26 +91,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trainer]:
     """Instantiate data module, model and trainer from the config; a bad value raises a ConfigError naming its key."""
     datamodule = instantiate_node(cfg, "data")
-
-    def plain(node: Any) -> Any:  # checkpoints keep plain containers only (weights_only-safe)
-        return None if node is None else OmegaConf.to_container(node, resolve=True)
-
     check_optimization(cfg)
     try:
-        model = ArcFaceModule(
-            backbone=plain(cfg.backbone),
-            head=plain(cfg.head),
-            optimizer=plain(cfg.optimizer),
-            scheduler=plain(cfg.scheduler),
-            channels_last=cfg.get("channels_last", True),
-            example_input_shape=[cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size],
-            **plain(cfg.get("evaluation") or {}),
-        )
-    except Exception as error:  # name the group the failing class was configured in
+        # conf/model/: the backbone, head, optimizer and scheduler groups wired up. From a plain copy: Hydra resolves
+        # the node it instantiates in place, and the error below needs cfg's interpolations to name their source.
+        model = instantiate(OmegaConf.to_container(cfg.model, resolve=True))
+    except Exception as error:  # name the group the failing class was configured in (model: its own arguments)
         text, owner = str(error), getattr(root_cause(error), "owner", None)
         targets = {group: cfg[group]._target_ for group in ("backbone", "head")}
         groups = [g for g, target in targets.items() if f"'{target}'" in text or target.endswith(f".{owner}")]
-        raise named_error(cfg, groups[0] if groups else "evaluation", error) from error
+        raise named_error(cfg, groups[0] if groups else "model", error) from error
     callbacks = [instantiate_node(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
     loggers = [instantiate_node(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
     trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False)

@@ -205,3 +205,41 @@ def test_epoch_loss_and_accuracy_weigh_every_image_once(make_cfg) -> None:
     assert [n for _, n in steps.losses][-1] == 500 % 32 and trainer.callback_metrics["train/samples"] == 500
     expected = sum(loss * n for loss, n in steps.losses) / 500
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_module_takes_live_parts_without_hydra(make_cfg, tmp_path: Path) -> None:
+    """A notebook user passes nn.Modules and an optimizer factory; the checkpoint then needs them passed again."""
+    from functools import partial
+
+    from arcface_lightning.backbones import SimpleCNN
+    from arcface_lightning.heads import CosFaceHead
+
+    model = ArcFaceModule(
+        backbone=SimpleCNN(embedding_size=8, channels=[4, 8]),
+        head=CosFaceHead(embedding_size=8, num_classes=10),
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+    )
+    assert "backbone" not in model.hparams and "optimizer" not in model.hparams
+    trainer = L.Trainer(fast_dev_run=2, accelerator="cpu", enable_progress_bar=False, logger=False)
+    trainer.fit(model, datamodule=instantiate(make_cfg().data))
+    assert isinstance(trainer.optimizers[0], torch.optim.SGD) and trainer.optimizers[0].defaults["lr"] == 0.1
+    trainer.save_checkpoint(tmp_path / "live.ckpt")
+    parts = {"backbone": SimpleCNN(embedding_size=8, channels=[4, 8]), "head": CosFaceHead(8, 10)}
+    loaded = ArcFaceModule.load_from_checkpoint(tmp_path / "live.ckpt", optimizer=partial(torch.optim.SGD), **parts)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_the_model_is_a_config_group_whose_checkpoints_rebuild_alone(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("head=cosface", "head.s=12", "evaluation.max_pairs=500")
+    assert cfg.model._target_ == "arcface_lightning.module.ArcFaceModule"
+    _, model, trainer = build(cfg)
+    assert (
+        model.hparams.head["s"] == 12
+        and model.hparams.max_pairs == 500
+        and model.hparams.backbone["channels"] == [4, 8]
+    )
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "cfg.ckpt")
+    loaded = ArcFaceModule.load_from_checkpoint(tmp_path / "cfg.ckpt", weights_only=True)
+    assert type(loaded.head).__name__ == "CosFaceHead" and loaded.head.s == 12
