@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from arcface_lightning.checks import check_int
+from arcface_lightning.figures import angle_figure, class_angles, sphere_figure
 
 log = logging.getLogger(__name__)
 
@@ -24,3 +30,91 @@ class CheckpointOnSigterm(L.Callback):
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.dirpath / "last.ckpt")
             log.info("SIGTERM: saved %s", self.dirpath / "last.ckpt")
+
+
+class EmbeddingFigures(L.Callback):
+    """TensorBoard figures of the embeddings, fed from the module's validation and test step outputs
+    (`{"embeddings", "labels"}`); nothing without a TensorBoard logger, and only rank zero writes.
+
+    - every validation epoch: the angle figure (angle to the own class centre against the nearest other centre)
+      and the histograms of both angles, on rank zero's share of the validation set;
+    - at test: the same for the test set, the first `projector_samples` test embeddings with their thumbnails in the
+      PROJECTOR tab, and for 2-D or 3-D embeddings the circle/sphere figure, also saved as <run dir>/sphere.png.
+      Test embeddings are gathered from every rank; the thumbnails are rank zero's, which lead the gathered rows.
+    """
+
+    def __init__(self, enabled: bool = True, projector_samples: int = 2000) -> None:
+        check_int(type(self).__name__, "projector_samples", projector_samples, minimum=0)
+        self.enabled, self.projector_samples = enabled, projector_samples
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._test: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._thumbnails: list[torch.Tensor] = []
+
+    @staticmethod
+    def _writer(trainer: L.Trainer) -> Any:
+        return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return self.enabled and self._writer(trainer) is not None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._active(trainer) and trainer.is_global_zero and not trainer.sanity_checking:
+            self._val.append((outputs["embeddings"].cpu(), outputs["labels"].cpu()))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        batches, self._val = self._val, []
+        if batches:
+            self._log_angles(trainer, pl_module, "val", *(torch.cat(parts) for parts in zip(*batches, strict=True)))
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._test, self._thumbnails = [], []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not self._active(trainer) or dataloader_idx != 0:  # loader 1 is the open set: metrics only
+            return
+        self._test.append((outputs["embeddings"], outputs["labels"]))
+        if sum(len(t) for t in self._thumbnails) < self.projector_samples:
+            self._thumbnails.append(batch[0].detach().cpu())
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        batches, self._test = self._test, []
+        if not batches:
+            return
+        embeddings, labels = (torch.cat(parts) for parts in zip(*batches, strict=True))
+        if trainer.world_size > 1:  # every rank takes part in the gather; rank zero writes
+            embeddings, labels = (
+                pl_module.all_gather(embeddings).flatten(0, 1),
+                pl_module.all_gather(labels).flatten(0, 1),
+            )
+        if trainer.is_global_zero:
+            self._log_test(trainer, pl_module, embeddings.float().cpu(), labels.cpu())
+        self._thumbnails = []
+
+    def _log_angles(self, trainer, pl_module, stage: str, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        writer, step = self._writer(trainer), trainer.global_step
+        centres = pl_module.head.weight.detach().float().cpu()
+        own, nearest_other = class_angles(embeddings, labels, centres)
+        writer.add_figure(f"{stage}/angles", angle_figure(own, nearest_other, centres), step)
+        writer.add_histogram(f"{stage}/angle_to_own_centre", own, step)
+        writer.add_histogram(f"{stage}/angle_to_nearest_other_centre", nearest_other, step)
+
+    def _log_test(self, trainer, pl_module, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        writer = self._writer(trainer)
+        images = torch.cat(self._thumbnails).float()
+        n = min(self.projector_samples, len(images))
+        images = images[:n]
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        high = images.amax(dim=(1, 2, 3), keepdim=True)
+        thumbnails = (images - low) / (high - low).clamp_min(1e-8)  # each image to [0, 1] for the sprite
+        writer.add_embedding(
+            embeddings[:n],
+            metadata=labels[:n].tolist(),
+            label_img=thumbnails,
+            global_step=trainer.global_step,
+            tag="test/embeddings",
+        )
+        self._log_angles(trainer, pl_module, "test", embeddings, labels)
+        if embeddings.shape[1] in (2, 3):
+            figure = sphere_figure(embeddings, labels, pl_module.head.weight.detach().float().cpu())
+            figure.savefig(Path(trainer.default_root_dir) / "sphere.png")
+            writer.add_figure("test/sphere", figure, trainer.global_step)

@@ -299,6 +299,10 @@ class ImageDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.hparams.eval_batch_size)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The official test set, for Trainer.predict (its embeddings, through the module's predict_step)."""
+        return self._loader(self.test_set, self.hparams.eval_batch_size)
+
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         """The test set; with open_classes, also the open-set images as a second loader (dataloader_idx 1)."""
         closed = self._loader(self.test_set, self.hparams.eval_batch_size)

@@ -42,8 +42,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(root_cause(error), BadValue):
             raise named_error(cfg, "data", error) from error
         raise ConfigError(f"ckpt_path={ckpt_path} could not be loaded: {one_line(error)}") from error
+    callbacks = [instantiate_node(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
     loggers = [instantiate_node(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
-    trainer = instantiate_node(cfg, "trainer", logger=loggers or False)
+    trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
     metrics: dict[str, float] = {}
     for results in trainer.test(model, datamodule=datamodule):  # one dict per test loader (open set: two)
         metrics.update(final_metrics(results))

@@ -8,21 +8,18 @@ logged beside it only so the two can be compared; never select or report models 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from arcface_lightning import heads
 from arcface_lightning.checks import check_int
-from arcface_lightning.figures import angle_figure, class_angles, sphere_figure
 from arcface_lightning.metrics import embedding_metrics
 
 
@@ -47,9 +44,8 @@ class ArcFaceModule(L.LightningModule):
         scheduler: None, or Lightning's lr-scheduler dict whose `scheduler` is a partial config; a `total_steps: null`
             in it is filled with the trainer's estimated number of optimizer steps (for OneCycleLR).
         max_pairs: verification pairs sampled at test time (see metrics.py) when the test set has more.
-        figures: with a TensorBoard logger, each validation epoch logs the angle figure and histograms
-            (figures.py), and the test logs up to `projector_samples` embeddings with thumbnails for the PROJECTOR
-            tab, plus the circle/sphere figure (also sphere.png in the run dir) when embeddings are 2-D or 3-D.
+        figures, projector_samples: accepted and ignored, so that checkpoints written before the figures moved to a
+            callback (callbacks.EmbeddingFigures, switched by `evaluation.figures`) still load.
         channels_last: convolution weights and image batches in NHWC memory order. The same numbers up to float
             rounding, and oneDNN (CPU) and cuDNN (GPU, mixed precision) have faster kernels for it: one epoch of the
             seed recipe on 2 CPU cores takes about half the time (BENCHMARKS.md).
@@ -77,7 +73,6 @@ class ArcFaceModule(L.LightningModule):
     ) -> None:
         super().__init__()
         check_int(type(self).__name__, "max_pairs", max_pairs)
-        check_int(type(self).__name__, "projector_samples", projector_samples, minimum=0)
         live = [
             name
             for name, part in (("backbone", backbone), ("head", head), ("optimizer", optimizer))
@@ -88,8 +83,6 @@ class ArcFaceModule(L.LightningModule):
         if example_input_shape is not None:
             self.example_input_array = torch.zeros(1, *example_input_shape)
         self._test_embeddings: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per test loader
-        self._val_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._thumbnails: list[torch.Tensor] = []
         self.backbone = backbone if isinstance(backbone, nn.Module) else instantiate(backbone)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)  # 4-D weights only; checkpoints load into it as usual
@@ -165,47 +158,38 @@ class ArcFaceModule(L.LightningModule):
         self.log("train/acc", self.train_acc, prog_bar=True)
         self.log("train/samples", self.train_samples)  # images trained on this epoch, summed over ranks
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Metrics; the embeddings and labels go out to callbacks (callbacks.EmbeddingFigures)."""
         embeddings = self._evaluate(batch, "val", self.val_acc, self.val_acc_margin)
-        if self._tensorboard() is not None:
-            self._val_embeddings.append((embeddings.detach().cpu(), batch[1].cpu()))
-
-    def _tensorboard(self) -> Any:
-        """The TensorBoard SummaryWriter when figures are on and this rank writes logs, else None."""
-        if not self.hparams.figures or self.global_rank != 0:
-            return None
-        return next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
-
-    def _log_angles(self, writer: Any, stage: str, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        centres = self.head.weight.detach().float().cpu()
-        own, nearest_other = class_angles(embeddings, labels, centres)
-        writer.add_figure(f"{stage}/angles", angle_figure(own, nearest_other, centres), self.global_step)
-        writer.add_histogram(f"{stage}/angle_to_own_centre", own, self.global_step)
-        writer.add_histogram(f"{stage}/angle_to_nearest_other_centre", nearest_other, self.global_step)
+        return {"embeddings": embeddings.detach(), "labels": batch[1]}
 
     def on_validation_epoch_end(self) -> None:
-        batches, self._val_embeddings = self._val_embeddings, []
         if self.trainer.sanity_checking:  # the sanity check's two batches are no epoch
             return
-        if batches and (writer := self._tensorboard()) is not None:  # rank zero's shard under DDP
-            self._log_angles(writer, "val", *(torch.cat(parts) for parts in zip(*batches, strict=True)))
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def test_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Loader 0: the test set (accuracy, loss, embeddings). Loader 1, in the open-set protocol: images of classes
-        the head never saw, whose embeddings only feed the openset/* retrieval and verification metrics."""
+        the head never saw, whose embeddings only feed the openset/* retrieval and verification metrics. The
+        embeddings and labels also go out to callbacks."""
         if dataloader_idx == 0:
             embeddings = self._evaluate(batch, "test", self.test_acc, self.test_acc_margin)
-            if sum(len(t) for t in self._thumbnails) < self.hparams.projector_samples:
-                self._thumbnails.append(batch[0].detach().cpu())
         else:
             embeddings = self(batch[0])
         self._test_embeddings.setdefault(dataloader_idx, []).append((embeddings.detach(), batch[1]))
+        return {"embeddings": embeddings.detach(), "labels": batch[1]}
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """L2-normalised embeddings of a batch of images, and its labels when the batch has them."""
+        images, labels = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1])
+        out = {"embeddings": heads.normalize(self(images).float())}
+        return out if labels is None else {**out, "labels": labels}
 
     def on_test_epoch_start(self) -> None:
         self._test_embeddings.clear()
-        self._thumbnails.clear()
 
     def on_test_epoch_end(self) -> None:
         """Retrieval and verification on each test loader's embeddings (gathered from every rank)."""
@@ -216,30 +200,7 @@ class ArcFaceModule(L.LightningModule):
             metrics = embedding_metrics(embeddings.cpu(), labels.cpu(), max_pairs=self.hparams.max_pairs)
             stage = "test" if dataloader_idx == 0 else "openset"
             self.log_dict({f"{stage}/{name}": value for name, value in metrics.items()}, add_dataloader_idx=False)
-            if dataloader_idx == 0 and (writer := self._tensorboard()) is not None:
-                self._log_test_figures(writer, embeddings.cpu(), labels.cpu())
         self._test_embeddings.clear()  # free the memory
-        self._thumbnails.clear()
-
-    def _log_test_figures(self, writer: Any, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        images = torch.cat(self._thumbnails).float()  # rank zero's, which lead the gathered embeddings under DDP
-        n = min(self.hparams.projector_samples, len(images))
-        images = images[:n]
-        low = images.amin(dim=(1, 2, 3), keepdim=True)
-        high = images.amax(dim=(1, 2, 3), keepdim=True)
-        thumbnails = (images - low) / (high - low).clamp_min(1e-8)  # each image to [0, 1] for the sprite
-        writer.add_embedding(
-            embeddings[:n],
-            metadata=labels[:n].tolist(),
-            label_img=thumbnails,
-            global_step=self.global_step,
-            tag="test/embeddings",
-        )
-        self._log_angles(writer, "test", embeddings, labels)
-        if embeddings.shape[1] in (2, 3):
-            figure = sphere_figure(embeddings, labels, self.head.weight.detach().float().cpu())
-            figure.savefig(Path(self.trainer.default_root_dir) / "sphere.png")
-            writer.add_figure("test/sphere", figure, self.global_step)
 
     def _evaluate(
         self,

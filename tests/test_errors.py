@@ -76,7 +76,10 @@ BAD_TRAIN = [
     (["logger=tensorboard", "+logger.tensorboard.log_graph=maybe"], "logger.tensorboard.log_graph='maybe' is inv"),
     # evaluation
     (["evaluation.max_pairs=0"], "evaluation.max_pairs=0 is invalid; allowed: an integer ≥ 1 (ArcFaceModule)"),
-    (["evaluation.projector_samples=-1"], "evaluation.projector_samples=-1 is invalid; allowed: an integer ≥ 0 ("),
+    (
+        ["evaluation.projector_samples=-1"],
+        "evaluation.projector_samples=-1 is invalid; allowed: an integer ≥ 0 (Embedd",
+    ),
 ]
 
 

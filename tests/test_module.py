@@ -243,3 +243,17 @@ def test_the_model_is_a_config_group_whose_checkpoints_rebuild_alone(make_cfg, t
     trainer.save_checkpoint(tmp_path / "cfg.ckpt")
     loaded = ArcFaceModule.load_from_checkpoint(tmp_path / "cfg.ckpt", weights_only=True)
     assert type(loaded.head).__name__ == "CosFaceHead" and loaded.head.s == 12
+
+
+def test_predict_returns_unit_embeddings_and_labels(make_cfg) -> None:
+    datamodule, model, trainer = build(make_cfg("trainer.max_epochs=1", "trainer.limit_train_batches=2"))
+    trainer.fit(model, datamodule=datamodule)
+    batches = trainer.predict(model, datamodule=datamodule)
+    embeddings = torch.cat([b["embeddings"] for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    assert embeddings.shape == (200, 16) and labels.tolist() == datamodule.test_set.targets.tolist()
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(200))
+    model.eval()
+    with torch.no_grad():  # the same as the module's own forward pass on the prepared images
+        images = datamodule.prepare(next(iter(datamodule.test_dataloader()))[0])
+        torch.testing.assert_close(embeddings[:100], torch.nn.functional.normalize(model(images)), atol=1e-5, rtol=0)

@@ -318,3 +318,14 @@ def test_a_checkpoint_written_before_issue_11_still_evaluates_to_its_numbers(tmp
     record = run(evaluate, cfg)
     for key in ("test/loss", "test/acc", "test/acc_margin", "test/map_at_r", "test/verification_auc"):
         assert record[key] == pytest.approx(expected[key], abs=1e-5), key
+
+
+def test_figures_are_a_callback_switched_by_evaluation_figures(make_cfg, tmp_path: Path) -> None:
+    train(make_cfg("evaluation.figures=false", "trainer.limit_train_batches=2"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert events.Tags()["images"] == [] and events.Tags()["histograms"] == []  # scalars only
+    assert (
+        "test/acc" in events.Tags()["scalars"]
+        and not (tmp_path / "run" / "tensorboard" / "projector_config.pbtxt").exists()
+    )
