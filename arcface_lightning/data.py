@@ -8,7 +8,8 @@ Two pipelines serve the same samples in the same order (same split, same sampler
 - `pipeline=tensor` (default, fast): torchvision reads (or downloads) the files once; the whole set is kept as one
   uint8 tensor (60,000 MNIST images are 47 MB), batches are index lookups, and scaling, normalisation and
   augmentation run as batched tensor ops on the training device (`on_after_batch_transfer`). With
-  `on_device=true` the uint8 set itself lives on the GPU, so no batch ever crosses the bus.
+  `on_device=true` the uint8 set itself lives on the GPU, so no batch ever crosses the bus. The storage is
+  tensors.py, the batched augmentation augment.py.
 - `pipeline=torchvision`: the classic per-sample path (PIL image → ToTensor → Normalize → torchvision's random
   transforms) through the DataLoader, e.g. for workers or a dataset without a `.data` array.
 
@@ -20,17 +21,17 @@ generator with (shuffle_seed, epoch, rank), so a resumed run augments exactly as
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, random_split
 from torchvision import datasets, transforms
 
+from arcface_lightning.augment import random_affine, random_crop_flip
 from arcface_lightning.checks import check_choice, check_int, check_number, first_line, is_int, is_number, require
+from arcface_lightning.tensors import TensorImages, ready_batch, targets
 
 DATASETS: dict[str, type[datasets.VisionDataset]] = {
     "MNIST": datasets.MNIST,
@@ -307,125 +308,6 @@ class ImageDataModule(L.LightningDataModule):
         """The test set; with open_classes, also the open-set images as a second loader (dataloader_idx 1)."""
         closed = self._loader(self.test_set, self.hparams.eval_batch_size)
         return [closed, self._loader(self.open_set, self.hparams.eval_batch_size)] if self.open_set else closed
-
-
-class TensorImages(Dataset):
-    """A whole image set as one uint8 tensor (N, C, H, W) and its int64 labels; a batch is one index lookup.
-
-    DataLoader fetches batches through `__getitems__` (one fancy-indexing op instead of N `__getitem__` calls) and
-    `ready_batch` passes the result through, so samplers, DDP sharding and workers work as for any map dataset.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
-            raise ValueError(f"TensorImages needs uint8 (N, C, H, W) images and N labels, got {tuple(images.shape)}")
-        self.images, self.labels = images, labels
-
-    @classmethod
-    def from_dataset(cls, dataset: Dataset) -> TensorImages:
-        """The samples of a torchvision MNIST/CIFAR dataset (or nested Subsets of one), in the same order, with
-        its target_transform applied; read from its decoded `.data` array, not through PIL."""
-        base, indices = unwrap(dataset)
-        images = torch.as_tensor(base.data)[indices]
-        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # MNIST NHW, CIFAR NHWC
-        return cls(images.contiguous(), targets(dataset))
-
-    def to(self, device: torch.device | str) -> TensorImages:
-        return TensorImages(self.images.to(device), self.labels.to(device))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.labels[index]
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices, device=self.images.device)
-        return self.images[index], self.labels[index]
-
-
-def unwrap(dataset: Dataset) -> tuple[Dataset, torch.Tensor]:
-    """The torchvision dataset under nested Subsets, and the indices of the samples `dataset` serves, in order."""
-    indices = torch.arange(len(dataset))
-    while isinstance(dataset, Subset):
-        indices = torch.as_tensor(dataset.indices)[indices]
-        dataset = dataset.dataset
-    return dataset, indices
-
-
-def targets(dataset: Dataset) -> torch.Tensor:
-    """The labels (int64) of a torchvision MNIST/CIFAR dataset or nested Subsets of one, with its target_transform
-    applied, without decoding any image."""
-    base, indices = unwrap(dataset)
-    labels = torch.as_tensor(base.targets)[indices]
-    if base.target_transform is not None:
-        labels = torch.tensor([base.target_transform(int(t)) for t in labels], dtype=torch.long)
-    return labels.long()
-
-
-def ready_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """collate_fn for TensorImages: `__getitems__` already returns the batch."""
-    return batch
-
-
-def random_affine(
-    images: torch.Tensor,
-    generator: torch.Generator,
-    degrees: float,
-    translate: float,
-    scale: tuple[float, float],
-) -> torch.Tensor:
-    """Per-sample random rotation (±degrees), translation (± translate · side) and scale, bilinear, zero fill.
-
-    torchvision's RandomAffine with the same ranges, drawn per image but applied to the whole batch in one
-    grid_sample (torchvision's v2 transforms draw one set of parameters per call, i.e. per batch).
-    """
-    n = len(images)
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(n, generator=generator, device=images.device)
-
-    angle = uniform(-degrees, degrees) * (math.pi / 180)
-    factor = uniform(*scale)
-    shift = uniform(-translate, translate), uniform(-translate, translate)
-    return _warp(images, angle, factor, shift, flip=torch.zeros(n, dtype=torch.bool, device=images.device))
-
-
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int) -> torch.Tensor:
-    """Per-sample random crop of the zero-padded image (shifts of -padding..padding pixels) and horizontal flip
-    with probability 1/2: torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, batched."""
-    n, _, height, width = images.shape
-    device = images.device
-    dx = torch.randint(-padding, padding + 1, (n,), generator=generator, device=device) / width
-    dy = torch.randint(-padding, padding + 1, (n,), generator=generator, device=device) / height
-    flip = torch.rand(n, generator=generator, device=device) < 0.5
-    ones = torch.ones(n, device=device)
-    return _warp(images, torch.zeros(n, device=device), ones, (dx, dy), flip, mode="nearest")
-
-
-def _warp(
-    images: torch.Tensor,
-    angle: torch.Tensor,
-    factor: torch.Tensor,
-    shift: tuple[torch.Tensor, torch.Tensor],
-    flip: torch.Tensor,
-    mode: str = "bilinear",
-) -> torch.Tensor:
-    """Moves each image's content by (shift · side), rotates it by `angle` (radians, counter-clockwise as displayed,
-    torchvision's convention) and scales it by `factor` about the centre, after an optional horizontal flip.
-    affine_grid maps output to input coordinates, hence the inverse transform."""
-    cos, sin = torch.cos(angle) / factor, -torch.sin(angle) / factor  # minus: image rows grow downwards
-    mirror = 1.0 - 2.0 * flip.to(images.dtype)
-    dx, dy = shift[0] * 2, shift[1] * 2  # fractions of the side → normalised [-1, 1] coordinates
-    theta = torch.stack(
-        [
-            torch.stack([cos * mirror, sin * mirror, -(cos * dx + sin * dy) * mirror], 1),
-            torch.stack([-sin, cos, sin * dx - cos * dy], 1),
-        ],
-        1,
-    ).to(images.dtype)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
 def with_transform(dataset: Dataset, transform: Any) -> Dataset:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torchvision import datasets, transforms
 
-from arcface_lightning.data import DataError, ImageDataModule, _warp, random_affine, random_crop_flip
+from arcface_lightning.augment import _warp, random_affine, random_crop_flip
+from arcface_lightning.data import DataError, ImageDataModule
 from conftest import write_mnist
 
 
