@@ -110,8 +110,8 @@ class ImageDataModule(L.LightningDataModule):
         self.train_transform = transforms.Compose(self._transforms(train=True))
         self._augment_generator: torch.Generator | None = None
         self._augment_key: tuple[int, torch.device] | None = None  # (epoch, device) it was seeded for
-        self._fresh_seed = 0  # the drawn shuffle seed when shuffle_seed is null
-        self._tensors: dict[int, TensorImages] = {}  # tensor pipeline: id(split) → its uint8 copy
+        self.seed: int | None = None  # the shuffle seed in use, fixed by setup("fit") (see train_seed)
+        self._tensors: dict[str, TensorImages] = {}  # tensor pipeline: split name → its uint8 copy
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -172,11 +172,21 @@ class ImageDataModule(L.LightningDataModule):
             self.train_set, self.val_set = random_split(full, [len(full) - val_size, val_size], generator=generator)
             if self.hparams.augment and self.hparams.pipeline == "torchvision":  # the subsets share one dataset
                 self.train_set = with_transform(self.train_set, self.train_transform)
+            self.seed = self.train_seed()
         if stage in (None, "test", "predict") and self.test_set is None:
-            self.test_set = self._classes(self._load(train=False), self.hparams.train_classes)
+            test = self._load(train=False)  # once: the closed and the open set are views of it
+            self.test_set = self._classes(test, self.hparams.train_classes)
             self._check_targets(self.test_set, "test")
             if self.hparams.open_classes:
-                self.open_set = self._classes(self._load(train=False), self.hparams.open_classes, relabel=False)
+                self.open_set = self._classes(test, self.hparams.open_classes, relabel=False)
+
+    def train_seed(self) -> int:
+        """data.shuffle_seed; without one (no run seed), one drawn for this run, the same on every DDP rank (rank
+        zero's, broadcast): ranks that shuffled with different seeds would train on overlapping shards."""
+        if self.hparams.shuffle_seed is not None:
+            return self.hparams.shuffle_seed
+        seed = int(torch.randint(2**31 - 1, ()).item())
+        return self.trainer.strategy.broadcast(seed) if self.trainer is not None else seed
 
     def _check_targets(self, dataset: Dataset, split: str) -> None:
         """Every label in [0, num_classes), checked once here: the heads skip that check on accelerators, where
@@ -189,16 +199,20 @@ class ImageDataModule(L.LightningDataModule):
                 f"allowed: 0 ≤ label < data.num_classes={self.hparams.num_classes}"
             )
 
-    def _serve(self, dataset: Dataset) -> Dataset:
-        """What a loader iterates: the tensor pipeline's in-memory copy of `dataset` (made once), or `dataset`."""
+    def _serve(self, split: str) -> Dataset:
+        """What a loader of `split` (train, val, test, open) iterates: the tensor pipeline's in-memory copy of that
+        split (made once), or the split itself."""
+        dataset = getattr(self, f"{split}_set")
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
         if self.hparams.pipeline != "tensor":
             return dataset
-        if id(dataset) not in self._tensors:
+        if split not in self._tensors:
             tensors = TensorImages.from_dataset(dataset)
             if self.hparams.on_device and self.trainer is not None:
                 tensors = tensors.to(self.trainer.strategy.root_device)
-            self._tensors[id(dataset)] = tensors
-        return self._tensors[id(dataset)]
+            self._tensors[split] = tensors
+        return self._tensors[split]
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Tensor pipeline: uint8 batches become normalised (and, in training, augmented) floats on the device."""
@@ -226,7 +240,7 @@ class ImageDataModule(L.LightningDataModule):
         """Augmentation randomness, reseeded from (shuffle_seed, epoch, rank) at each epoch's first batch."""
         epoch = self.trainer.current_epoch
         if self._augment_key != (epoch, device):
-            seed = self.hparams.shuffle_seed if self.hparams.shuffle_seed is not None else self._fresh_seed
+            seed = self.seed if self.seed is not None else self.train_seed()
             mixed = (seed * 1_000_003 + epoch) * 1_009 + self.trainer.global_rank
             self._augment_generator = torch.Generator(device).manual_seed(mixed % 2**63)
             self._augment_key = (epoch, device)
@@ -240,7 +254,8 @@ class ImageDataModule(L.LightningDataModule):
         if bad := [c for c in classes if not 0 <= c < known]:
             raise DataError(f"class {bad[0]} is not in {self.hparams.dataset} (classes 0..{known - 1})")
         targets = torch.as_tensor(dataset.targets)
-        if relabel:
+        if relabel:  # on a shallow copy (the decoded arrays are shared): the open set keeps the original labels
+            dataset = copy.copy(dataset)
             dataset.target_transform = Relabel(classes)
         return Subset(dataset, torch.nonzero(torch.isin(targets, torch.tensor(classes))).squeeze(1).tolist())
 
@@ -269,10 +284,8 @@ class ImageDataModule(L.LightningDataModule):
         dataset.transform = self.transform
         return dataset
 
-    def _loader(self, dataset: Dataset | None, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        dataset = self._serve(dataset)
+    def _loader(self, split: str, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+        dataset = self._serve(split)
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
@@ -290,24 +303,24 @@ class ImageDataModule(L.LightningDataModule):
         The sampler is a DistributedSampler for any number of processes: one shard per rank under DDP (batch_size
         is per device), the whole set in a single process. Lightning calls its set_epoch before every epoch.
         """
+        if self.train_set is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        seed = self.hparams.shuffle_seed
-        if seed is None:  # no run seed: a fresh order, still fixed per epoch within this run
-            seed = self._fresh_seed = torch.randint(2**31 - 1, ()).item()
+        seed = self.seed if self.seed is not None else self.train_seed()
         sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        return self._loader(self.train_set, self.hparams.batch_size, sampler)
+        return self._loader("train", self.hparams.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.hparams.eval_batch_size)
+        return self._loader("val", self.hparams.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         """The official test set, for Trainer.predict (its embeddings, through the module's predict_step)."""
-        return self._loader(self.test_set, self.hparams.eval_batch_size)
+        return self._loader("test", self.hparams.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         """The test set; with open_classes, also the open-set images as a second loader (dataloader_idx 1)."""
-        closed = self._loader(self.test_set, self.hparams.eval_batch_size)
-        return [closed, self._loader(self.open_set, self.hparams.eval_batch_size)] if self.open_set else closed
+        closed = self._loader("test", self.hparams.eval_batch_size)
+        return [closed, self._loader("open", self.hparams.eval_batch_size)] if self.open_set else closed
 
 
 def with_transform(dataset: Dataset, transform: Any) -> Dataset:

@@ -298,3 +298,34 @@ def test_torchvision_pipeline_augments_the_training_split_only(mnist_root: Path)
 def test_bad_pipeline_settings_raise_at_construction(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ImageDataModule(**kwargs)
+
+
+def test_without_a_seed_every_rank_shuffles_with_rank_zeros_draw(mnist_root: Path) -> None:
+    """shuffle_seed=null: one seed for the run, broadcast from rank zero (different seeds per rank would make the
+    DistributedSampler's shards overlap), kept for every epoch's loader."""
+    drawn = []
+
+    def broadcast(value: int, src: int = 0) -> int:
+        drawn.append(value)
+        return 12345  # what rank zero drew
+
+    dm = ImageDataModule(data_dir=str(mnist_root), download=False, val_size=100, shuffle_seed=None)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=broadcast), world_size=2, global_rank=1)
+    dm.setup("fit")
+    assert len(drawn) == 1 and dm.seed == 12345
+    first, again = dm.train_dataloader(), dm.train_dataloader()
+    assert first.sampler.seed == again.sampler.seed == 12345 and first.sampler.rank == 1
+    assert len(first.sampler) == 250  # half of the 500 training images
+
+
+def test_the_open_set_and_the_test_set_share_one_load(mnist_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dm = ImageDataModule(
+        data_dir=str(mnist_root), download=False, num_classes=5, train_classes=[0, 1, 2, 3, 4], open_classes=[5, 6]
+    )
+    loads = []
+    original = ImageDataModule._load
+    monkeypatch.setattr(ImageDataModule, "_load", lambda self, train: loads.append(train) or original(self, train))
+    dm.setup("test")
+    assert loads == [False]
+    assert sorted(set(labels_of(dm.test_set))) == [0, 1, 2, 3, 4]  # relabelled for the head
+    assert sorted(set(labels_of(dm.open_set))) == [5, 6]  # the original ids
