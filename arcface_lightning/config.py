@@ -23,7 +23,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import hydra.utils
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
@@ -32,7 +31,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Glob, Override
 from hydra.errors import HydraException, InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -244,7 +243,7 @@ def check_types(node: Any, key: str) -> None:
     if node._target_.startswith("arcface_lightning."):
         return
     try:
-        hints = typing.get_type_hints(hydra.utils.get_class(node._target_).__init__)
+        hints = typing.get_type_hints(get_class(node._target_).__init__)
     except Exception:  # a function target, or hints that do not resolve: nothing to check against
         return
     for name, value in node.items():

@@ -237,11 +237,10 @@ class ImageDataModule(L.LightningDataModule):
         return images
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        """Augmentation randomness, reseeded from (shuffle_seed, epoch, rank) at each epoch's first batch."""
+        """Augmentation randomness, reseeded from (the run's shuffle seed, epoch, rank) at each epoch's first batch."""
         epoch = self.trainer.current_epoch
         if self._augment_key != (epoch, device):
-            seed = self.seed if self.seed is not None else self.train_seed()
-            mixed = (seed * 1_000_003 + epoch) * 1_009 + self.trainer.global_rank
+            mixed = (self.seed * 1_000_003 + epoch) * 1_009 + self.trainer.global_rank
             self._augment_generator = torch.Generator(device).manual_seed(mixed % 2**63)
             self._augment_key = (epoch, device)
         return self._augment_generator
@@ -306,8 +305,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.train_set is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        seed = self.seed if self.seed is not None else self.train_seed()
-        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         return self._loader("train", self.hparams.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
