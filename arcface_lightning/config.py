@@ -1,9 +1,7 @@
-"""Config errors for the entry points: bad command lines and bad values become one line that names the key.
+"""Configs at run time: registration, and bad values turned into one line that names the config key.
 
-- `check_overrides(argv)`: before Hydra starts, every config-group choice on the command line must name a file in
-  conf/<group>/. The overrides are read with Hydra's own parser, so its whole grammar works (`+`, `++`, `~`,
-  `group@pkg=`, lists for multi-select such as `logger=[csv,tensorboard]`, sweeps, `choice()`, `glob()`);
-  only the membership test is ours, to say it in one line.
+The command line itself is checked before Hydra starts, in overrides.py.
+
 - `instantiate_node(cfg, key)`: `hydra.utils.instantiate` whose errors name the config key. A `BadValue` from a
   head, backbone or the data module (checks.py) becomes `head.s=-1 is invalid; allowed: ...`, or names the
   top-level key a value was interpolated from (`embedding_size=...` for `backbone.embedding_size: ${embedding_size}`).
@@ -14,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import os
 import re
@@ -25,27 +22,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from hydra._internal.utils import get_args_parser  # the parser hydra.main uses: which arguments are overrides
 from hydra.core.config_store import ConfigStore
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, Glob, Override
-from hydra.errors import HydraException, InstantiationException
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from arcface_lightning.checks import BadValue, first_line, is_int, require
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
-# config choices that need an optional plugin: (its module, the pyproject extra that installs it)
-PLUGINS = {
-    "hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
-    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
-    "hydra/launcher=submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
-    "hydra/launcher=submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
-}
 INTERPOLATION = re.compile(r"\$\{([\w.]+)\}")
 
 
@@ -97,82 +82,6 @@ def root_cause(error: BaseException) -> BaseException:
 def one_line(error: BaseException) -> str:
     """The message a user needs: the root cause of Hydra's wrapped instantiation errors, first line only."""
     return first_line(root_cause(error))
-
-
-def group_values(override: Override, options: list[str]) -> list[str]:
-    """The config names an override of a group selects (several for a list, a sweep or a glob)."""
-    if override.is_sweep_override():
-        if isinstance(override.value(), Glob):
-            return override.value().filter(options)
-        if isinstance(override.value(), ChoiceSweep):
-            return list(override.sweep_string_iterator())
-        return [override.input_line.partition("=")[2]]  # range() or interval() of a group: never a config name
-    value = override.value()
-    values = value if isinstance(value, list) else [value]
-    return [str(v) for v in values if v is not None and "${" not in str(v)]  # null deselects; ${..} resolves later
-
-
-def check_overrides(argv: list[str], config_name: str, conf_dir: Path = CONF_DIR) -> None:
-    """Exit with one line when a command-line override cannot be parsed, selects a config that conf/<group>/ does
-    not have, needs a plugin that is not installed, or (single runs) does not compose. Groups of Hydra and its
-    plugins (hydra/...) are left to Hydra."""
-    args = get_args_parser().parse_args(argv)
-    parser = OverridesParser.create()
-    for text in args.overrides:
-        try:
-            override = parser.parse_override(text)
-        except HydraException as error:
-            reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
-            raise SystemExit(f"error: cannot parse the override {text!r}: {reason}") from None
-        group = override.key_or_group
-        folder = conf_dir / group
-        if group.startswith("hydra/") or not folder.is_dir() or (override.is_delete() and override.value() is None):
-            continue
-        if override.value() is None and not override.is_delete():  # Hydra 1.3 only deselects with ~
-            raise SystemExit(f"error: {text}: a config group is deselected with ~{group}, not {group}=null")
-        options = sorted(p.stem for p in folder.glob("*.yaml"))
-        if isinstance(override.value(), Glob) and not override.value().filter(options):
-            raise SystemExit(f"error: {text} matches no config in conf/{group}/; allowed: {', '.join(options)}")
-        for name in group_values(override, options):
-            if name not in options:
-                raise SystemExit(
-                    f"error: {group}={name} is not a config in conf/{group}/; allowed: {', '.join(options)}"
-                )
-    for text in args.overrides:
-        choice = text.lstrip("+~")
-        if choice in PLUGINS and importlib.util.find_spec(PLUGINS[choice][0]) is None:
-            raise SystemExit(
-                f"error: {choice} needs the {PLUGINS[choice][1]!r} extra: pip install -e '.[{PLUGINS[choice][1]}]'"
-            )
-    plain_run = not (args.multirun or args.cfg or args.help or args.hydra_help or args.info or args.shell_completion)
-    if plain_run and not (args.config_path or args.config_dir or args.config_name):
-        check_composition(args.overrides, config_name, conf_dir)
-
-
-def check_composition(overrides: list[str], config_name: str, conf_dir: Path) -> None:
-    """Compose the config as hydra.main is about to, and say in one line why it does not compose (a key that the
-    config does not have, a value of the wrong type for a typed node)."""
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        try:
-            compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-            return
-        except (HydraException, OmegaConfBaseException) as error:
-            message = str(error)
-        missing = re.match(r"Could not override '([^']+)'", message)
-        if missing is None:
-            lines = [line.strip() for line in message.splitlines() if line.strip()]
-            lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
-            raise SystemExit(f"error: {'; '.join(lines[:3])}")
-        key = missing.group(1)
-        parent = key.rpartition(".")[0]
-        others = [o for o in overrides if not o.lstrip("+~").startswith(key)]
-        try:  # the keys the node does have, from the config composed without the offending override
-            node = OmegaConf.select(compose(config_name=config_name, overrides=others), parent or "")
-            keys = ", ".join(k for k in node if not str(k).startswith("_")) if isinstance(node, DictConfig) else "?"
-        except (HydraException, OmegaConfBaseException):
-            keys = "?"
-        where = f"{parent} has" if parent else "the config has"
-        raise SystemExit(f"error: {key}: no such key; {where}: {keys} (a new key needs a '+': +{key}=...)")
 
 
 def source_key(cfg: DictConfig, key: str, name: str) -> str:

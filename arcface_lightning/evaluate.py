@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from arcface_lightning.checks import BadValue
 from arcface_lightning.config import (
     ConfigError,
-    check_overrides,
     instantiate_node,
     named_error,
     one_line,
@@ -27,6 +26,7 @@ from arcface_lightning.config import (
 )
 from arcface_lightning.data import ImageDataModule
 from arcface_lightning.module import ArcFaceModule
+from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.runs import check_ckpt_path, final_metrics, run, start
 
 
@@ -60,6 +60,7 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     register_configs()
+    sys.argv[1:] = upgrade_overrides(sys.argv[1:])  # hydra.main reads sys.argv
     check_overrides(sys.argv[1:], config_name="eval")
     main()
 

@@ -30,8 +30,8 @@ Choices, and why:
 - `training_logits` returns both logits from one cosine matrix: the (batch × classes) matmul is the head's
   whole cost, and it grows with the number of classes.
 - Labels are range-checked only on CPU tensors. On an accelerator, `bad.any()` would make the host wait for the
-  device at every step; there the data module checks every label once when it builds its splits (data.py), and an
-  out-of-range label from elsewhere ends in the device's own index assertion.
+  device at every step; there the data module checks every label once when it builds its splits
+  (data/datasets.py), and an out-of-range label from elsewhere ends in the device's own index assertion.
 
 No framework imports beyond torch: these are plain nn.Modules usable in any training loop.
 """

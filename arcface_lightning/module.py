@@ -54,9 +54,9 @@ class ArcFaceModule(L.LightningModule):
 
     GPU note: a training step reads nothing back to the host except on the steps the loggers write (every
     `trainer.log_every_n_steps`). Epoch aggregates accumulate on the device; label ranges are checked once by the
-    data module (data.py), not per step; and a non-finite loss is noted on the device at every step but only read,
-    and turned into a `DivergedError`, on logging steps (on CPU, where reading it is free, at every step). So on a
-    GPU a diverged run stops up to `log_every_n_steps` steps after its first non-finite loss.
+    data module (data/datasets.py), not per step; and a non-finite loss is noted on the device at every step but
+    only read, and turned into a `DivergedError`, on logging steps (on CPU, where reading it is free, at every
+    step). So on a GPU a diverged run stops up to `log_every_n_steps` steps after its first non-finite loss.
     """
 
     def __init__(

@@ -40,7 +40,6 @@ from arcface_lightning.config import (
     CONF_DIR,
     REPO_ROOT,
     ConfigError,
-    check_overrides,
     check_types,
     instantiate_node,
     named_error,
@@ -48,6 +47,7 @@ from arcface_lightning.config import (
     root_cause,
 )
 from arcface_lightning.module import ArcFaceModule
+from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.runs import check_ckpt_path, final_metrics, run, start
 
 __all__ = ["CONF_DIR", "REPO_ROOT", "build", "cli", "main", "run", "train"]  # what notebooks and scripts use
@@ -164,8 +164,10 @@ def hparams_for_tensorboard(cfg: DictConfig) -> dict[str, Any]:
         params[group] = node.get("dataset") or node["_target_"].rsplit(".", 1)[-1]
         for key, value in node.items():
             keep = not key.startswith("_") and key not in plumbing and (group == "data" or key not in derived)
-            if keep and isinstance(value, (int, float, str, bool)):
-                params[f"{group}/{key}"] = value
+            items = value.items() if isinstance(value, dict) else [("", value)]  # one level of nodes: data.augment
+            for sub, leaf in items if keep else ():
+                if isinstance(leaf, (int, float, str, bool)):
+                    params[f"{group}/{key}.{sub}" if sub else f"{group}/{key}"] = leaf
     return params
 
 
@@ -180,6 +182,7 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     register_configs()
+    sys.argv[1:] = upgrade_overrides(sys.argv[1:])  # hydra.main reads sys.argv
     check_overrides(sys.argv[1:], config_name="train")
     main()
 

@@ -168,20 +168,20 @@ def test_recipes_are_what_their_comments_say() -> None:
     fast = compose_config("experiment=mnist_fast")
     assert fast.head._target_.endswith("ArcFaceHead") and fast.trainer.max_epochs <= 2 and fast.backbone.batch_norm
     best = compose_config("experiment=mnist_best")
-    assert best.backbone.batch_norm and best.data.augment == "affine" and best.scheduler is not None
+    assert best.backbone.batch_norm and best.data.augment.kind == "affine" and best.scheduler is not None
     cifar = compose_config("experiment=cifar10_resnet")
     assert cifar.backbone._target_.endswith("ResNet") and list(cifar.backbone.blocks) == [2, 2, 2, 2]
-    assert cifar.data.augment == "crop_flip" and cifar.optimizer._target_ == "torch.optim.SGD"
+    assert cifar.data.augment.kind == "crop_flip" and cifar.optimizer._target_ == "torch.optim.SGD"
     assert cifar.head._target_.endswith("ArcFaceHead")
 
 
 def test_the_default_experiment_is_the_quick_recipe() -> None:
     cfg = compose_config("paths.output_dir=/unused")
     assert cfg.backbone._target_.endswith("SimpleCNN") and list(cfg.backbone.channels) == [32, 64, 128]
-    assert cfg.backbone.batch_norm and cfg.data.augment == "affine" and cfg.scheduler.interval == "step"
+    assert cfg.backbone.batch_norm and cfg.data.augment.kind == "affine" and cfg.scheduler.interval == "step"
     assert cfg.trainer.precision == native_bf16_precision() and cfg.task_name == "train"
     plain = compose_config("~experiment", "paths.output_dir=/unused")  # the groups' own defaults: the seed's network
-    assert list(plain.backbone.channels) == [32, 64] and plain.scheduler is None and plain.data.augment is None
+    assert list(plain.backbone.channels) == [32, 64] and plain.scheduler is None and plain.data.augment.kind is None
 
 
 def test_native_bf16_reads_the_cpu_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

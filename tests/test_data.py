@@ -10,8 +10,9 @@ import pytest
 import torch
 from torchvision import datasets, transforms
 
-from arcface_lightning.augment import _warp, random_affine, random_crop_flip
 from arcface_lightning.data import DataError, ImageDataModule
+from arcface_lightning.data.augment import DEFAULTS as augment_defaults
+from arcface_lightning.data.augment import _warp, random_affine, random_crop_flip
 from conftest import write_mnist
 
 
@@ -255,6 +256,27 @@ def test_affine_with_no_range_is_the_identity_and_rotation_is_a_rotation() -> No
     assert shifted[..., :2].abs().max() < 1e-6  # zero fill
 
 
+def test_the_augment_node_its_kind_alone_and_the_deprecated_keys_are_one_setting() -> None:
+    """data.augment is one node; a kind alone takes the default ranges; the flat keys it replaced still work, with
+    a FutureWarning, and checkpoints hold the whole node only."""
+    node = {"kind": "affine", "degrees": 0.0, "translate": 0.0, "scale": [1.0, 1.0], "crop_padding": 4}
+    full = ImageDataModule(augment=node, normalize=False)
+    with pytest.warns(FutureWarning, match=r"^data.degrees, data.translate, data.scale: deprecated, now data.augm"):
+        legacy = ImageDataModule(augment="affine", degrees=0.0, translate=0.0, scale=[1.0, 1.0], normalize=False)
+    assert full.hparams.augment == legacy.hparams.augment == {**node, "scale": (1.0, 1.0)}
+    assert not {"degrees", "translate", "scale", "crop_padding"} & set(legacy.hparams)
+    assert ImageDataModule(augment="crop_flip").hparams.augment == {**augment_defaults, "kind": "crop_flip"}
+    assert ImageDataModule(augment={"kind": "crop_flip"}).hparams.augment["crop_padding"] == 4
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    plain = full.prepare(images.clone())
+    for dm in (full, legacy):  # the node's ranges reach the batch: no range at all is the identity
+        torch.testing.assert_close(
+            dm.prepare(images.clone(), torch.Generator().manual_seed(0)), plain, atol=1e-5, rtol=0
+        )
+    default = ImageDataModule(augment="affine", normalize=False)
+    assert not torch.allclose(default.prepare(images.clone(), torch.Generator().manual_seed(0)), plain, atol=1e-2)
+
+
 @pytest.mark.parametrize("augment", ["affine", "crop_flip"])
 def test_augmentation_only_in_training_and_seeded_per_epoch(mnist_root: Path, augment: str) -> None:
     dm = ImageDataModule(data_dir=str(mnist_root), download=False, val_size=100, augment=augment, normalize=False)
@@ -291,8 +313,18 @@ def test_torchvision_pipeline_augments_the_training_split_only(mnist_root: Path)
         ({"augment": "mixup"}, r"^ImageDataModule: augment='mixup' is invalid; allowed: null, affine, crop_flip$"),
         ({"on_device": True, "pipeline": "torchvision"}, r"data.on_device=true needs data.pipeline=tensor"),
         ({"on_device": True, "num_workers": 2}, r"and data.num_workers=0"),
-        ({"degrees": 200}, r"^ImageDataModule: degrees=200 is invalid; allowed: 0 ≤ degrees ≤ 180$"),
-        ({"scale": (1.2, 0.8)}, r"^ImageDataModule: scale=\(1.2, 0.8\) is invalid; allowed: \[low, high\] with 0 < "),
+        (
+            {"augment": {"degrees": 200}},
+            r"^ImageDataModule: augment.degrees=200 is invalid; allowed: 0 ≤ degrees ≤ 180$",
+        ),
+        (
+            {"augment": {"scale": (1.2, 0.8)}},
+            r"^ImageDataModule: augment.scale=\(1.2, 0.8\) is invalid; allowed: \[low, high\] with 0 < ",
+        ),
+        (
+            {"augment": {"kind": "affine", "angle": 3}},
+            r"^ImageDataModule: augment=\{'kind': 'affine', 'angle': 3\} is ",
+        ),
     ],
 )
 def test_bad_pipeline_settings_raise_at_construction(kwargs: dict, message: str) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from arcface_lightning.config import ConfigError, check_overrides
+from arcface_lightning.config import ConfigError
 from arcface_lightning.evaluate import evaluate
+from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.runs import run
 from arcface_lightning.train import train
 from conftest import CONF, cli, compose_config, tiny_config
@@ -48,7 +49,9 @@ BAD_TRAIN = [
     (["data.num_workers=-1"], "data.num_workers=-1 is invalid; allowed: an integer ≥ 0 (ImageDataModule)"),
     (["data.pipeline=dali"], "data.pipeline='dali' is invalid; allowed: tensor, torchvision (ImageDataModule)"),
     (["data.augment=rotate"], "data.augment='rotate' is invalid; allowed: null, affine, crop_flip (ImageDataModule)"),
-    (["data.degrees=500"], "data.degrees=500 is invalid; allowed: 0 ≤ degrees ≤ 180 (ImageDataModule)"),
+    (["data.augment.degrees=500"], "data.augment.degrees=500 is invalid; allowed: 0 ≤ degrees ≤ 180 (ImageDataMo"),
+    (["data.augment.kind=rotate"], "data.augment.kind='rotate' is invalid; allowed: null, affine, crop_flip (Image"),
+    (["data.augment.scale=[2,1]"], "data.augment.scale=[2, 1] is invalid; allowed: [low, high] with 0 < low ≤ high"),
     (["data.mean=[0.1,0.2]"], "data.mean=[0.1, 0.2] is invalid; allowed: 1 numbers (one per input channel) ("),
     (["data.std=[0]"], "data.std=[0] is invalid; allowed: numbers > 0 (ImageDataModule)"),
     (["seed=null", "data.shuffle_seed=-3"], "data.shuffle_seed=-3 is invalid; allowed: null or an integer ≥ 0 ("),
@@ -214,8 +217,9 @@ def test_every_group_option_composes_through_the_check() -> None:
         (["optimizer.lr=-1"], "error: optimizer.lr=-1 is invalid; allowed: a number ≥ 0"),
         (["embedding_size=abc"], "error: embedding_size='abc' is invalid; allowed: an integer ≥ 2"),
         (["head.nope=1"], "error: head.nope: no such key; head has: embedding_size, num_classes, s, m"),
+        (["data.degrees=500"], "error: data.augment.degrees=500 is invalid; allowed: 0 ≤ degrees ≤ 180 (ImageData"),
     ],
-    ids=["val_size", "lr", "embedding_size", "unknown key"],
+    ids=["val_size", "lr", "embedding_size", "unknown key", "deprecated key"],
 )
 def test_cli_prints_one_line_and_no_traceback(mnist_root: Path, tmp_path: Path, overrides, message: str) -> None:
     run_dir = tmp_path / "bad_run"
@@ -223,3 +227,20 @@ def test_cli_prints_one_line_and_no_traceback(mnist_root: Path, tmp_path: Path, 
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_moved_keys_are_upgraded_with_a_deprecation_line(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["-m", "data.degrees=5,10", "+data.scale=[1,1]", "~data.crop_padding", "data.translate", "head.s=3"]
+    argv += ["hydra.run.dir=data.degrees=1", "data.degreesx=1"]  # not the key, or another key
+    assert upgrade_overrides(argv) == [
+        "-m",
+        "data.augment.degrees=5,10",
+        "+data.augment.scale=[1,1]",
+        "~data.augment.crop_padding",
+        "data.augment.translate",
+        "head.s=3",
+        "hydra.run.dir=data.degrees=1",
+        "data.degreesx=1",
+    ]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "warning: data.degrees is deprecated; it is now data.augment.degrees" and len(lines) == 4

@@ -308,6 +308,10 @@ def test_a_checkpoint_in_the_format_before_issue_11_still_evaluates_to_its_numbe
     old_keys = ["backbone", "channels_last", "figures", "head", "max_pairs", "optimizer", "projector_samples"]
     old_keys.append("scheduler")
     checkpoint["hyper_parameters"] = {k: checkpoint["hyper_parameters"][k] for k in old_keys}
+    data_hparams = checkpoint["datamodule_hyper_parameters"]  # before issue 12: augmentation as five flat keys
+    augment = data_hparams.pop("augment")
+    data_hparams.update(augment=augment["kind"], **{k: augment[k] for k in ("degrees", "translate", "crop_padding")})
+    data_hparams["scale"] = list(augment["scale"])
     torch.save(checkpoint, old := tmp_path / "old_format.ckpt")
     cfg = compose_config(
         f"ckpt_path={old}",

@@ -1,15 +1,63 @@
-"""Batched augmentation on the training device: per-sample random parameters, one grid_sample for the whole batch.
+"""Training augmentation: the `data.augment` settings, and their batched form on the training device.
 
 torchvision's RandomAffine and RandomCrop + RandomHorizontalFlip draw their parameters once per call; here each
-image of the batch gets its own draw from a seeded generator, so a resumed run augments as an uninterrupted one.
+image of the batch gets its own draw from a seeded generator, applied to the whole batch in one grid_sample, so a
+resumed run augments as an uninterrupted one. `per_sample_transforms` gives the same settings as torchvision's
+per-sample transforms, for the data module's per-sample pipeline.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torchvision import transforms
+
+from arcface_lightning.checks import check_choice, check_int, check_number, require
+
+KINDS = ("affine", "crop_flip")
+DEFAULTS: dict[str, Any] = {"kind": None, "degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1), "crop_padding": 4}
+
+
+def settings(owner: str, augment: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The `data.augment` node, checked and completed with the defaults. A kind alone (`data.augment=affine`, the
+    key's older form) or null stands for that kind with the default ranges."""
+    if augment is None or isinstance(augment, str):
+        check_choice(owner, "augment", augment, (None, *KINDS))
+        return {**DEFAULTS, "kind": augment}
+    keys = ", ".join(DEFAULTS)
+    require(owner, "augment", augment, f"null, a kind, or a node of {keys}", lambda v: set(v) <= set(DEFAULTS))
+    node = {**DEFAULTS, **augment}
+    check_choice(owner, "augment.kind", node["kind"], (None, *KINDS))
+    check_number(owner, "augment.degrees", node["degrees"], "0 ≤ degrees ≤ 180", lambda v: 0 <= v <= 180)
+    check_number(owner, "augment.translate", node["translate"], "0 ≤ translate < 1", lambda v: 0 <= v < 1)
+    ok_scale = lambda v: len(v) == 2 and 0 < v[0] <= v[1]  # noqa: E731
+    require(owner, "augment.scale", node["scale"], "[low, high] with 0 < low ≤ high", ok_scale)
+    check_int(owner, "augment.crop_padding", node["crop_padding"], minimum=0)
+    return {**node, "scale": tuple(node["scale"])}
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, node: Mapping[str, Any]) -> torch.Tensor:
+    """A float (batch, C, H, W) batch augmented as `node` (checked by `settings`) says; unchanged for kind null."""
+    if node["kind"] == "affine":
+        return random_affine(images, generator, node["degrees"], node["translate"], node["scale"])
+    if node["kind"] == "crop_flip":
+        return random_crop_flip(images, generator, node["crop_padding"])
+    return images
+
+
+def per_sample_transforms(node: Mapping[str, Any], image_size: int) -> list[Any]:
+    """torchvision's per-sample transforms with the same settings (PIL in, PIL out)."""
+    if node["kind"] == "affine":
+        shift = (node["translate"], node["translate"])
+        bilinear = transforms.InterpolationMode.BILINEAR
+        return [transforms.RandomAffine(node["degrees"], translate=shift, scale=node["scale"], interpolation=bilinear)]
+    if node["kind"] == "crop_flip":
+        return [transforms.RandomCrop(image_size, padding=node["crop_padding"]), transforms.RandomHorizontalFlip()]
+    return []
 
 
 def random_affine(

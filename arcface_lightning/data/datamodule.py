@@ -10,8 +10,10 @@ Two pipelines serve the same samples in the same order (same split, same sampler
   augmentation run as batched tensor ops on the training device (`on_after_batch_transfer`). With
   `on_device=true` the uint8 set itself lives on the GPU, so no batch ever crosses the bus. The storage is
   tensors.py, the batched augmentation augment.py.
-- `pipeline=torchvision`: the classic per-sample path (PIL image → ToTensor → Normalize → torchvision's random
-  transforms) through the DataLoader, e.g. for workers or a dataset without a `.data` array.
+- `pipeline=torchvision`: the classic per-sample path (PIL image → torchvision's random transforms → ToTensor →
+  Normalize) through the DataLoader and its workers. It stays as the reference the fast path is held to: the
+  textbook pipeline every torchvision user knows, with torchvision's own random transforms, so a test can prove
+  the tensor pipeline serves the same batches, and a user who doubts a number can rerun it the classic way.
 
 Both give bit-identical batches without augmentation (a test checks it). Augmentation draws its random parameters
 per sample in both, from different generators: same distribution, different draws. The tensor pipeline seeds its
@@ -20,31 +22,23 @@ generator with (shuffle_seed, epoch, rank), so a resumed run augments exactly as
 
 from __future__ import annotations
 
-import copy
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, random_split
-from torchvision import datasets, transforms
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, random_split
+from torchvision import transforms
 
-from arcface_lightning.augment import random_affine, random_crop_flip
-from arcface_lightning.checks import check_choice, check_int, check_number, first_line, is_int, is_number, require
-from arcface_lightning.tensors import TensorImages, ready_batch, targets
+from arcface_lightning.checks import check_choice, check_int, is_int, is_number, require
+from arcface_lightning.data import augment as augmentation
+from arcface_lightning.data import datasets as sets
+from arcface_lightning.data.tensors import TensorImages, ready_batch
 
-DATASETS: dict[str, type[datasets.VisionDataset]] = {
-    "MNIST": datasets.MNIST,
-    "FashionMNIST": datasets.FashionMNIST,
-    "KMNIST": datasets.KMNIST,
-    "CIFAR10": datasets.CIFAR10,
-}
 PIPELINES = ("tensor", "torchvision")
-AUGMENTATIONS = ("affine", "crop_flip")
-
-
-class DataError(RuntimeError):
-    """Data missing, unreadable or inconsistent with the config: the message says where and how to fix it."""
+LEGACY_AUGMENT_KEYS = ("degrees", "translate", "scale", "crop_padding")  # now data.augment.<key>
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -72,17 +66,29 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         pipeline: str = "tensor",
         on_device: bool = False,
-        augment: str | None = None,
-        degrees: float = 10.0,
-        translate: float = 0.1,
-        scale: tuple[float, float] = (0.9, 1.1),
-        crop_padding: int = 4,
+        augment: str | Mapping[str, Any] | None = None,
+        degrees: float | None = None,
+        translate: float | None = None,
+        scale: tuple[float, float] | None = None,
+        crop_padding: int | None = None,
     ) -> None:
+        """`augment`: the `data.augment` node (augment.py: kind, degrees, translate, scale, crop_padding) or a kind
+        alone. `degrees`, `translate`, `scale`, `crop_padding`: deprecated spellings of its keys (older configs and
+        checkpoints), folded into it with a warning."""
         super().__init__()
         owner = type(self).__name__
-        check_choice(owner, "dataset", dataset, list(DATASETS))
+        check_choice(owner, "dataset", dataset, list(sets.DATASETS))
         check_choice(owner, "pipeline", pipeline, PIPELINES)
-        check_choice(owner, "augment", augment, (None, *AUGMENTATIONS))
+        legacy = {"degrees": degrees, "translate": translate, "scale": scale, "crop_padding": crop_padding}
+        if legacy := {k: v for k, v in legacy.items() if v is not None}:
+            warnings.warn(
+                f"data.{', data.'.join(legacy)}: deprecated, now data.augment.<key> (data.augment is one node)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            node = {"kind": augment} if augment is None or isinstance(augment, str) else dict(augment)
+            augment = {**node, **legacy}
+        augment = augmentation.settings(owner, augment)
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("val_size", val_size)):
             check_int(owner, name, value)
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
@@ -92,10 +98,6 @@ class ImageDataModule(L.LightningDataModule):
         require(
             owner, "shuffle_seed", shuffle_seed, "null or an integer ≥ 0", lambda v: v is None or (is_int(v) and v >= 0)
         )
-        check_number(owner, "degrees", degrees, "0 ≤ degrees ≤ 180", lambda v: 0 <= v <= 180)
-        check_number(owner, "translate", translate, "0 ≤ translate < 1", lambda v: 0 <= v < 1)
-        require(owner, "scale", scale, "[low, high] with 0 < low ≤ high", lambda v: 0 < v[0] <= v[1] and len(v) == 2)
-        check_int(owner, "crop_padding", crop_padding, minimum=0)
         if normalize:
             sizes = f"{in_channels} numbers (one per input channel)"
             for name, values in (("mean", mean), ("std", std)):
@@ -103,8 +105,9 @@ class ImageDataModule(L.LightningDataModule):
             require(owner, "std", std, "numbers > 0", lambda v: min(v) > 0)
         if on_device and (pipeline != "tensor" or num_workers):
             raise ValueError("data.on_device=true needs data.pipeline=tensor and data.num_workers=0")
-        check_class_split(train_classes, open_classes, num_classes)
-        self.save_hyperparameters()
+        sets.check_class_split(train_classes, open_classes, num_classes)
+        self.save_hyperparameters(ignore=LEGACY_AUGMENT_KEYS)
+        self.hparams.augment = augment  # the full node: checkpoints hold the ranges in use
         self.root = Path(data_dir).expanduser()
         self.transform = transforms.Compose(self._transforms(train=False))
         self.train_transform = transforms.Compose(self._transforms(train=True))
@@ -120,18 +123,7 @@ class ImageDataModule(L.LightningDataModule):
     def _transforms(self, train: bool) -> list[Any]:
         """The torchvision pipeline's per-sample transforms (the tensor pipeline does the same in `prepare`)."""
         hp = self.hparams
-        steps: list[Any] = []
-        if train and hp.augment == "affine":
-            steps.append(
-                transforms.RandomAffine(
-                    hp.degrees,
-                    translate=(hp.translate, hp.translate),
-                    scale=tuple(hp.scale),
-                    interpolation=transforms.InterpolationMode.BILINEAR,
-                )
-            )
-        elif train and hp.augment == "crop_flip":
-            steps += [transforms.RandomCrop(hp.image_size, padding=hp.crop_padding), transforms.RandomHorizontalFlip()]
+        steps = augmentation.per_sample_transforms(hp.augment, hp.image_size) if train else []
         steps.append(transforms.ToTensor())
         if hp.normalize:
             steps.append(transforms.Normalize(hp.mean, hp.std))
@@ -140,45 +132,35 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def folder(self) -> Path:
         """Where torchvision keeps this dataset's files (MNIST-format sets: <root>/<Name>/raw)."""
-        cls = DATASETS[self.hparams.dataset]
-        if issubclass(cls, datasets.CIFAR10):
-            return self.root / cls.base_folder
-        return self.root / cls.__name__ / "raw"
+        return sets.folder(self.root, self.hparams.dataset)
 
     def prepare_data(self) -> None:
         """Download (rank zero only, Lightning's rule) when data.download=true; otherwise touch nothing."""
-        if not self.hparams.download:
-            return
-        for train in (True, False):
-            try:
-                DATASETS[self.hparams.dataset](str(self.root), train=train, download=True)
-            except Exception as error:  # network errors come as URLError, HTTPError, OSError or RuntimeError
-                raise DataError(
-                    f"could not download {self.hparams.dataset} into {self.folder}: {first_line(error)}. "
-                    f"Without network, copy the files there and set data.download=false, "
-                    f"or set paths.data_dir=<folder that has them>"
-                ) from error
+        if self.hparams.download:
+            sets.download(self.hparams.dataset, self.root)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
-            full = self._classes(self._load(train=True), self.hparams.train_classes)
+            full = sets.select_classes(self._load(train=True), self.hparams.train_classes, self.hparams.dataset)
             val_size = self.hparams.val_size
             if val_size >= len(full):
-                raise DataError(
+                raise sets.DataError(
                     f"data.val_size={val_size} leaves no training data; allowed: 1 ≤ val_size < {len(full)}"
                 )
-            self._check_targets(full, "train")
+            sets.check_labels(full, self.hparams.num_classes, f"{self.hparams.dataset} train set")
             generator = torch.Generator().manual_seed(self.hparams.split_seed)
             self.train_set, self.val_set = random_split(full, [len(full) - val_size, val_size], generator=generator)
-            if self.hparams.augment and self.hparams.pipeline == "torchvision":  # the subsets share one dataset
-                self.train_set = with_transform(self.train_set, self.train_transform)
+            if self.hparams.augment["kind"] and self.hparams.pipeline == "torchvision":  # subsets share a dataset
+                self.train_set = sets.with_transform(self.train_set, self.train_transform)
             self.seed = self.train_seed()
         if stage in (None, "test", "predict") and self.test_set is None:
             test = self._load(train=False)  # once: the closed and the open set are views of it
-            self.test_set = self._classes(test, self.hparams.train_classes)
-            self._check_targets(self.test_set, "test")
+            self.test_set = sets.select_classes(test, self.hparams.train_classes, self.hparams.dataset)
+            sets.check_labels(self.test_set, self.hparams.num_classes, f"{self.hparams.dataset} test set")
             if self.hparams.open_classes:
-                self.open_set = self._classes(test, self.hparams.open_classes, relabel=False)
+                self.open_set = sets.select_classes(
+                    test, self.hparams.open_classes, self.hparams.dataset, relabel=False
+                )
 
     def train_seed(self) -> int:
         """data.shuffle_seed; without one (no run seed), one drawn for this run, the same on every DDP rank (rank
@@ -187,17 +169,6 @@ class ImageDataModule(L.LightningDataModule):
             return self.hparams.shuffle_seed
         seed = int(torch.randint(2**31 - 1, ()).item())
         return self.trainer.strategy.broadcast(seed) if self.trainer is not None else seed
-
-    def _check_targets(self, dataset: Dataset, split: str) -> None:
-        """Every label in [0, num_classes), checked once here: the heads skip that check on accelerators, where
-        it would cost a device synchronisation per step (heads.py)."""
-        labels = targets(dataset)
-        bad = labels[(labels < 0) | (labels >= self.hparams.num_classes)]
-        if len(bad):
-            raise DataError(
-                f"{self.hparams.dataset} {split} set has label {bad[0].item()}; "
-                f"allowed: 0 ≤ label < data.num_classes={self.hparams.num_classes}"
-            )
 
     def _serve(self, split: str) -> Dataset:
         """What a loader of `split` (train, val, test, open) iterates: the tensor pipeline's in-memory copy of that
@@ -228,10 +199,8 @@ class ImageDataModule(L.LightningDataModule):
         """uint8 (batch, C, H, W) → float in [0, 1] → augmented (when a generator is given) → normalised."""
         hp = self.hparams
         images = images.float().div_(255)
-        if generator is not None and hp.augment == "affine":
-            images = random_affine(images, generator, hp.degrees, hp.translate, tuple(hp.scale))
-        elif generator is not None and hp.augment == "crop_flip":
-            images = random_crop_flip(images, generator, hp.crop_padding)
+        if generator is not None:
+            images = augmentation.augment_batch(images, generator, hp.augment)
         if hp.normalize:  # torchvision's own normalize, batched: the same ops as the per-sample pipeline
             images = transforms.functional.normalize(images, hp.mean, hp.std, inplace=True)
         return images
@@ -245,41 +214,11 @@ class ImageDataModule(L.LightningDataModule):
             self._augment_key = (epoch, device)
         return self._augment_generator
 
-    def _classes(self, dataset: Dataset, classes: list[int] | None, relabel: bool = True) -> Dataset:
-        """The samples of `classes` only; with relabel, their labels become 0..len(classes)-1 (the head's)."""
-        if classes is None:
-            return dataset
-        known = len(dataset.classes)
-        if bad := [c for c in classes if not 0 <= c < known]:
-            raise DataError(f"class {bad[0]} is not in {self.hparams.dataset} (classes 0..{known - 1})")
-        targets = torch.as_tensor(dataset.targets)
-        if relabel:  # on a shallow copy (the decoded arrays are shared): the open set keeps the original labels
-            dataset = copy.copy(dataset)
-            dataset.target_transform = Relabel(classes)
-        return Subset(dataset, torch.nonzero(torch.isin(targets, torch.tensor(classes))).squeeze(1).tolist())
-
     def _load(self, train: bool) -> Dataset:
-        name, split = self.hparams.dataset, "train" if train else "test"
-        try:
-            dataset = DATASETS[name](str(self.root), train=train, download=False)
-            image, _ = dataset[0]  # a PIL image: decodes one sample, so unreadable files fail here
-        except Exception as error:
-            message = str(error)  # torchvision: "Dataset not found[ or corrupted]. You can use download=True ..."
-            if "not found" in message:
-                state = "not found or corrupt" if "corrupt" in message else "not found"
-                fix = (
-                    f"set paths.data_dir=<folder that holds {self.folder.relative_to(self.root)}> or data.download=true"
-                )
-            else:
-                state = f"unreadable ({first_line(error)})"
-                fix = "delete those files and set data.download=true, or set paths.data_dir=<folder with good copies>"
-            raise DataError(f"{name} {split} set {state} in {self.folder}; {fix}") from error
-        if self.hparams.train_classes is None and len(dataset.classes) != self.hparams.num_classes:
-            raise DataError(f"data.num_classes={self.hparams.num_classes} but {name} has {len(dataset.classes)}")
-        shape = (len(image.getbands()), image.height, image.width)
-        expected = (self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size)
-        if shape != expected:
-            raise DataError(f"{name} images are {shape} but the data config says {expected} (in_channels, image_size)")
+        hp = self.hparams
+        shape = (hp.in_channels, hp.image_size, hp.image_size)
+        num_classes = hp.num_classes if hp.train_classes is None else None
+        dataset = sets.load(hp.dataset, self.root, train, shape, num_classes)
         dataset.transform = self.transform
         return dataset
 
@@ -319,35 +258,3 @@ class ImageDataModule(L.LightningDataModule):
         """The test set; with open_classes, also the open-set images as a second loader (dataloader_idx 1)."""
         closed = self._loader("test", self.hparams.eval_batch_size)
         return [closed, self._loader("open", self.hparams.eval_batch_size)] if self.open_set else closed
-
-
-def with_transform(dataset: Dataset, transform: Any) -> Dataset:
-    """The same samples with another per-sample transform (a shallow copy: the decoded arrays are shared)."""
-    if isinstance(dataset, Subset):
-        return Subset(with_transform(dataset.dataset, transform), dataset.indices)
-    clone = copy.copy(dataset)
-    clone.transform = transform
-    return clone
-
-
-class Relabel:
-    """Maps the kept classes' ids to 0..len(classes)-1, as a picklable target_transform (for loader workers)."""
-
-    def __init__(self, classes: list[int]) -> None:
-        self.index = {c: i for i, c in enumerate(classes)}
-
-    def __call__(self, target: int) -> int:
-        return self.index[int(target)]
-
-
-def check_class_split(train_classes: list[int] | None, open_classes: list[int] | None, num_classes: int) -> None:
-    """Open-set protocol: train on some classes, evaluate retrieval on others, never both."""
-    for name, classes in (("train_classes", train_classes), ("open_classes", open_classes)):
-        if classes is not None and (len(classes) == 0 or len(set(classes)) != len(classes)):
-            raise ValueError(f"data.{name}={list(classes)} must be a non-empty list of distinct class ids")
-    if open_classes and train_classes is None:
-        raise ValueError("data.open_classes needs data.train_classes (the classes the model may see)")
-    if train_classes is not None and len(train_classes) != num_classes:
-        raise ValueError(f"data.num_classes={num_classes} but data.train_classes has {len(train_classes)} classes")
-    if shared := sorted(set(train_classes or ()) & set(open_classes or ())):
-        raise ValueError(f"data.train_classes and data.open_classes share {shared}; open classes must be unseen")
