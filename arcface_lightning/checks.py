@@ -19,9 +19,14 @@ class BadValue(ValueError):
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type when the message is empty)."""
+    """The first line of an error's message (its type when the message is empty). An error re-raised from a
+    DataLoader worker ("Caught DataError in DataLoader worker process 0." and the worker's traceback) gives the
+    worker's own message: the traceback's last line, without its `module.Type: ` prefix."""
     text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "worker process" in lines[0] and len(lines) > 1:
+        return lines[-1].partition(": ")[2] or lines[-1]
+    return lines[0]
 
 
 def require(owner: str, name: str, value: Any, allowed: str, ok: Callable[[Any], bool]) -> None:

@@ -26,6 +26,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from arcface_lightning.checks import BadValue, first_line, is_int, require
 
@@ -95,6 +96,9 @@ def source_key(cfg: DictConfig, key: str, name: str) -> str:
 def named_error(cfg: DictConfig, key: str, error: BaseException) -> ConfigError:
     """A ConfigError whose one line names the config key the bad value came from."""
     cause = root_cause(error)
+    if isinstance(cause, MissingMandatoryValue):
+        where = f"{key}.{cause.full_key}" if cause.full_key else key
+        return ConfigError(f"{where} is required (the config has ???); set {where}=...")
     if isinstance(cause, BadValue):
         where = source_key(cfg, key, cause.name)
         return ConfigError(f"{where}={cause.value!r} is invalid; allowed: {cause.allowed} ({cause.owner})")

@@ -4,7 +4,8 @@
     python -m arcface_lightning.evaluate ckpt_path=<file> paths.data_dir=/data data.download=false
 
 Model and data settings (dataset, normalisation, validation split) are rebuilt from the checkpoint; the command line
-sets only where the data is and how it is loaded (`paths.data_dir`, `data.download`, `data.eval_batch_size`, ...).
+sets only where the data is and how it is loaded (`paths.data_dir`, `data.download`, `data.eval_batch_size`, ...;
+a user's images: `data.root`, `data.test_root`, kept from the checkpoint when not given).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = check_ckpt_path(cfg.ckpt_path)
     try:  # model and data settings (dataset, normalisation, split) both come from the checkpoint
         model = ArcFaceModule.load_from_checkpoint(ckpt_path, map_location="cpu")
-        datamodule = ImageDataModule.load_from_checkpoint(ckpt_path, **OmegaConf.to_container(cfg.data, resolve=True))
+        given = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
+        datamodule = ImageDataModule.load_from_checkpoint(ckpt_path, **given)  # null: the checkpoint's value
     except Exception as error:  # a bad data.* value from the command line, or not a checkpoint of this model
         if isinstance(root_cause(error), BadValue):
             raise named_error(cfg, "data", error) from error

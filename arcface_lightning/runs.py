@@ -66,6 +66,15 @@ def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
     return path
 
 
+def write_classes(datamodule: Any, output_dir: Path) -> None:
+    """classes.json in the run dir: the class name of each of the head's class ids, where the data names them (a
+    user's images; the same list is in every checkpoint, under the data module's state)."""
+    classes = getattr(datamodule, "classes", None)
+    if classes is not None and rank_zero_only.rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "classes.json").write_text(json.dumps(classes, indent=0) + "\n")
+
+
 def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep: bool = False) -> dict[str, Any]:
     """Run a task and record its outcome in metrics.json (status ok, failed or diverged).
 

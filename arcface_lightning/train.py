@@ -48,7 +48,7 @@ from arcface_lightning.config import (
 )
 from arcface_lightning.module import ArcFaceModule
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
-from arcface_lightning.runs import check_ckpt_path, final_metrics, run, start
+from arcface_lightning.runs import check_ckpt_path, final_metrics, run, start, write_classes
 
 __all__ = ["CONF_DIR", "REPO_ROOT", "build", "cli", "main", "run", "train"]  # what notebooks and scripts use
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = check_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
     check_launch(cfg)
     datamodule, model, trainer = build(cfg)
+    write_classes(datamodule, Path(cfg.paths.output_dir))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = final_metrics(trainer.callback_metrics)
@@ -91,6 +92,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trainer]:
     """Instantiate data module, model and trainer from the config; a bad value raises a ConfigError naming its key."""
     datamodule = instantiate_node(cfg, "data")
+    num_classes = datamodule.count_classes()  # a user's images: indexed now, their classes named and counted
+    if cfg.data.get("num_classes") is None:  # for the head's ${data.num_classes}
+        cfg.data.num_classes = num_classes
     check_optimization(cfg)
     try:
         # conf/model/: the backbone, head, optimizer and scheduler groups wired up. From a plain copy: Hydra resolves

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from torchvision.io import write_png
 
 from arcface_lightning.config import native_bf16_precision
 from arcface_lightning.train import build
@@ -22,7 +23,7 @@ OPTIONS = {
 
 
 def test_option_lists_are_what_the_readme_promises() -> None:
-    assert OPTIONS["data"] == ["cifar10", "fashion_mnist", "kmnist", "mnist"]
+    assert OPTIONS["data"] == ["cifar10", "fashion_mnist", "image_folder", "image_list", "kmnist", "mnist"]
     assert OPTIONS["head"] == ["arcface", "combined", "cosface", "softmax", "sphereface"]
     assert OPTIONS["trainer"] == ["cpu", "ddp", "ddp_cpu", "ddp_multinode", "default", "gpu"]
 
@@ -35,6 +36,16 @@ def test_every_combination_composes_and_builds(data: str, backbone: str, head: s
     """Every data × backbone × head choice on top of the default experiment (whose own settings must suit them
     all); the trainer presets are independent of these and are instantiated on their own below."""
     overrides = [f"data={data}", f"backbone={backbone}", f"head={head}", "trainer=cpu"]
+    if data.startswith("image_"):  # a user's images: three classes of two RGB images, as a folder and a list
+        for i in range(6):
+            (tmp_path / "images" / f"class_{i % 3}").mkdir(parents=True, exist_ok=True)
+            write_png(
+                torch.full((3, 120, 100), 40 * i, dtype=torch.uint8),
+                str(tmp_path / "images" / f"class_{i % 3}/{i}.png"),
+            )
+        rows = [f"class_{i % 3}/{i}.png,{i % 3}" for i in range(6)]
+        (tmp_path / "images" / "list.csv").write_text("\n".join(rows))
+        overrides.append(f"data.root={tmp_path / 'images' / ('list.csv' if data == 'image_list' else '')}")
     cfg = compose_config(*overrides, f"paths.output_dir={tmp_path}")
     datamodule, model, lightning_trainer = build(cfg)
     assert isinstance(lightning_trainer, L.Trainer) and datamodule.hparams.dataset == cfg.data.dataset

@@ -43,7 +43,16 @@ BAD_TRAIN = [
     (["backbone=resnet18", "backbone.width=0"], "backbone.width=0 is invalid; allowed: an integer ≥ 1 (ResNet)"),
     (["backbone=resnet18", "backbone.blocks=[2,0]"], "backbone.blocks=[2, 0] is invalid; allowed: a non-empty "),
     # data
-    (["data.dataset=SVHN"], "data.dataset='SVHN' is invalid; allowed: MNIST, FashionMNIST, KMNIST, CIFAR10 ("),
+    (["data.dataset=SVHN"], "data.dataset='SVHN' is invalid; allowed: MNIST, FashionMNIST, KMNIST, CIFAR10, image_fo"),
+    (["data=image_folder"], "data.root is required (the config has ???); set data.root=..."),
+    (
+        ["data=image_folder", "data.root=/no/such"],
+        "data.root=/no/such is not a folder; give a folder with one sub-folder",
+    ),
+    (
+        ["data=image_list", "data.root=/no/such.csv"],
+        "data.root=/no/such.csv is not a file; give a CSV list of path,label",
+    ),
     (["data.batch_size=0"], "data.batch_size=0 is invalid; allowed: an integer ≥ 1 (ImageDataModule)"),
     (["data.val_size=60000"], "data.val_size=60000 leaves no training data; allowed: 1 ≤ val_size < 600"),
     (["data.num_workers=-1"], "data.num_workers=-1 is invalid; allowed: an integer ≥ 0 (ImageDataModule)"),

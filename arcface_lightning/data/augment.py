@@ -9,6 +9,7 @@ per-sample transforms, for the data module's per-sample pipeline.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,9 +23,19 @@ KINDS = ("affine", "crop_flip")
 DEFAULTS: dict[str, Any] = {"kind": None, "degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1), "crop_padding": 4}
 
 
-def settings(owner: str, augment: str | Mapping[str, Any] | None) -> dict[str, Any]:
+def settings(
+    owner: str, augment: str | Mapping[str, Any] | None, legacy: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The `data.augment` node, checked and completed with the defaults. A kind alone (`data.augment=affine`, the
-    key's older form) or null stands for that kind with the default ranges."""
+    key's older form) or null stands for that kind with the default ranges. `legacy`: values of the flat keys the
+    node replaced (`data.degrees`, ...; None where not given), folded in with a FutureWarning."""
+    if legacy := {k: v for k, v in (legacy or {}).items() if v is not None}:
+        warnings.warn(
+            f"data.{', data.'.join(legacy)}: deprecated, now data.augment.<key> (data.augment is one node)",
+            FutureWarning,
+            stacklevel=3,
+        )
+        augment = {**({"kind": augment} if augment is None or isinstance(augment, str) else augment), **legacy}
     if augment is None or isinstance(augment, str):
         check_choice(owner, "augment", augment, (None, *KINDS))
         return {**DEFAULTS, "kind": augment}

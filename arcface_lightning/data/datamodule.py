@@ -1,19 +1,24 @@
-"""Data: torchvision's MNIST-format sets and CIFAR as a LightningDataModule with a fixed validation split.
+"""Data: a LightningDataModule over torchvision's MNIST-format sets and CIFAR, or a user's own images (a folder per
+class, or a CSV list), with fixed, seeded splits.
 
-The official training set is split into train/validation with a seeded generator (MNIST: 55,000/5,000), so model
-selection never sees the test set; the official test set is used once, at the end.
+Splits: the training pool (a torchvision set's official training set, or every image under `root`) is split with a
+seeded generator into train / validation (MNIST: 55,000/5,000), so model selection never sees the test set. The
+test set is the official one, or `test_root`, or (neither) a third seeded split held out of the pool. It is used
+once, at the end. `val_size` and `test_size` are counts, or fractions of the pool below 1.
 
 Two pipelines serve the same samples in the same order (same split, same sampler):
 
-- `pipeline=tensor` (default, fast): torchvision reads (or downloads) the files once; the whole set is kept as one
-  uint8 tensor (60,000 MNIST images are 47 MB), batches are index lookups, and scaling, normalisation and
-  augmentation run as batched tensor ops on the training device (`on_after_batch_transfer`). With
-  `on_device=true` the uint8 set itself lives on the GPU, so no batch ever crosses the bus. The storage is
-  tensors.py, the batched augmentation augment.py.
-- `pipeline=torchvision`: the classic per-sample path (PIL image → torchvision's random transforms → ToTensor →
-  Normalize) through the DataLoader and its workers. It stays as the reference the fast path is held to: the
-  textbook pipeline every torchvision user knows, with torchvision's own random transforms, so a test can prove
-  the tensor pipeline serves the same batches, and a user who doubts a number can rerun it the classic way.
+- `pipeline=tensor` (default, fast): the files are read once; the whole set is kept as one uint8 tensor (60,000
+  MNIST images are 47 MB), batches are index lookups, and scaling, normalisation and augmentation run as batched
+  tensor ops on the training device (`on_after_batch_transfer`). With `on_device=true` the uint8 set itself lives
+  on the GPU, so no batch ever crosses the bus. The storage is tensors.py, the batched augmentation augment.py.
+  A user's images (images.py) take this path with `cache=memory`; with `cache=none` they are decoded per sample
+  in the loader's workers into the same uint8 batches, and prepared on the device the same way.
+- `pipeline=torchvision` (torchvision's sets only): the classic per-sample path (PIL image → torchvision's random
+  transforms → ToTensor → Normalize) through the DataLoader and its workers. It stays as the reference the fast
+  path is held to: the textbook pipeline every torchvision user knows, with torchvision's own random transforms,
+  so a test can prove the tensor pipeline serves the same batches, and a user who doubts a number can rerun it the
+  classic way.
 
 Both give bit-identical batches without augmentation (a test checks it). Augmentation draws its random parameters
 per sample in both, from different generators: same distribution, different draws. The tensor pipeline seeds its
@@ -22,7 +27,7 @@ generator with (shuffle_seed, epoch, rank), so a resumed run augments exactly as
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,33 +40,41 @@ from torchvision import transforms
 from arcface_lightning.checks import check_choice, check_int, is_int, is_number, require
 from arcface_lightning.data import augment as augmentation
 from arcface_lightning.data import datasets as sets
+from arcface_lightning.data import images
+from arcface_lightning.data.images import ImageFiles, read_list, scan_folder
 from arcface_lightning.data.tensors import TensorImages, ready_batch
 
 PIPELINES = ("tensor", "torchvision")
+IMAGE_SOURCES = {"image_folder": scan_folder, "image_list": read_list}  # data.root: a folder, or a CSV list
+CACHES = ("none", "memory")
+
+log = logging.getLogger(__name__)
+
+
 LEGACY_AUGMENT_KEYS = ("degrees", "translate", "scale", "crop_padding")  # now data.augment.<key>
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Serves (images, labels) batches of one torchvision dataset: train / validation split / official test."""
+    """Serves (images, labels) batches of one data set: train / validation / test splits, open-set classes."""
 
     def __init__(
         self,
         dataset: str = "MNIST",
         data_dir: str = "data",
-        num_classes: int = 10,
+        num_classes: int | None = 10,
         in_channels: int = 1,
         image_size: int = 28,
         batch_size: int = 64,
         eval_batch_size: int = 1000,
-        val_size: int = 5000,
+        val_size: int | float = 5000,
         split_seed: int = 0,
         shuffle_seed: int | None = 0,
         train_classes: list[int] | None = None,
         open_classes: list[int] | None = None,
         download: bool = True,
         normalize: bool = True,
-        mean: tuple[float, ...] = (0.1307,),
-        std: tuple[float, ...] = (0.3081,),
+        mean: tuple[float, ...] | None = (0.1307,),
+        std: tuple[float, ...] | None = (0.3081,),
         num_workers: int = 0,
         pin_memory: bool = False,
         pipeline: str = "tensor",
@@ -71,33 +84,46 @@ class ImageDataModule(L.LightningDataModule):
         translate: float | None = None,
         scale: tuple[float, float] | None = None,
         crop_padding: int | None = None,
+        root: str | None = None,
+        test_root: str | None = None,
+        test_size: int | float | None = None,
+        cache: str = "none",
     ) -> None:
-        """`augment`: the `data.augment` node (augment.py: kind, degrees, translate, scale, crop_padding) or a kind
+        """`dataset`: a torchvision set (files under `data_dir`), or `image_folder` / `image_list` (files under
+        `root`, a folder or a CSV list; `test_root` the same for a separate test set, else `test_size`, default
+        `val_size`, is held out). `num_classes`: null counts them from the data (`count_classes`). `mean`, `std`:
+        null is 0.5 per channel, i.e. [0, 255] → [-1, 1]. `cache`: a user's images decoded once into memory
+        (`memory`) or in the loader's workers at every epoch (`none`).
+        `augment`: the `data.augment` node (augment.py: kind, degrees, translate, scale, crop_padding) or a kind
         alone. `degrees`, `translate`, `scale`, `crop_padding`: deprecated spellings of its keys (older configs and
         checkpoints), folded into it with a warning."""
         super().__init__()
         owner = type(self).__name__
-        check_choice(owner, "dataset", dataset, list(sets.DATASETS))
+        check_choice(owner, "dataset", dataset, [*sets.DATASETS, *IMAGE_SOURCES])
         check_choice(owner, "pipeline", pipeline, PIPELINES)
+        check_choice(owner, "cache", cache, CACHES)
+        if dataset in IMAGE_SOURCES:
+            require(owner, "root", root, f"the path of a {'folder' if dataset == 'image_folder' else 'CSV file'}", bool)
+            if pipeline != "tensor":
+                raise ValueError(f"data.pipeline={pipeline} reads torchvision's sets; {dataset} uses pipeline=tensor")
         legacy = {"degrees": degrees, "translate": translate, "scale": scale, "crop_padding": crop_padding}
-        if legacy := {k: v for k, v in legacy.items() if v is not None}:
-            warnings.warn(
-                f"data.{', data.'.join(legacy)}: deprecated, now data.augment.<key> (data.augment is one node)",
-                FutureWarning,
-                stacklevel=2,
-            )
-            node = {"kind": augment} if augment is None or isinstance(augment, str) else dict(augment)
-            augment = {**node, **legacy}
-        augment = augmentation.settings(owner, augment)
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("val_size", val_size)):
+        augment = augmentation.settings(owner, augment, legacy)
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             check_int(owner, name, value)
-        for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
+        for name, value in (("in_channels", in_channels), ("image_size", image_size)):
             check_int(owner, name, value)
+        counted = "null (counted from the data) or an integer ≥ 1"
+        require(owner, "num_classes", num_classes, counted, lambda v: v is None or (is_int(v) and v > 0))
+        sizes = "an integer ≥ 1, or a fraction 0 < f < 1 of the training pool"
+        require(owner, "val_size", val_size, sizes, sets.is_size)
+        require(owner, "test_size", test_size, f"null (val_size) or {sizes}", lambda v: v is None or sets.is_size(v))
         check_int(owner, "num_workers", num_workers, minimum=0)
         check_int(owner, "split_seed", split_seed, minimum=0)
         require(
             owner, "shuffle_seed", shuffle_seed, "null or an integer ≥ 0", lambda v: v is None or (is_int(v) and v >= 0)
         )
+        mean = [0.5] * in_channels if mean is None else mean
+        std = [0.5] * in_channels if std is None else std
         if normalize:
             sizes = f"{in_channels} numbers (one per input channel)"
             for name, values in (("mean", mean), ("std", std)):
@@ -107,7 +133,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError("data.on_device=true needs data.pipeline=tensor and data.num_workers=0")
         sets.check_class_split(train_classes, open_classes, num_classes)
         self.save_hyperparameters(ignore=LEGACY_AUGMENT_KEYS)
-        self.hparams.augment = augment  # the full node: checkpoints hold the ranges in use
+        self.hparams.update(augment=augment, mean=mean, std=std)  # the values in use, for checkpoints
         self.root = Path(data_dir).expanduser()
         self.transform = transforms.Compose(self._transforms(train=False))
         self.train_transform = transforms.Compose(self._transforms(train=True))
@@ -115,6 +141,9 @@ class ImageDataModule(L.LightningDataModule):
         self._augment_key: tuple[int, torch.device] | None = None  # (epoch, device) it was seeded for
         self.seed: int | None = None  # the shuffle seed in use, fixed by setup("fit") (see train_seed)
         self._tensors: dict[str, TensorImages] = {}  # tensor pipeline: split name → its uint8 copy
+        self._pools: dict[bool, Dataset] = {}  # train (True) / test (False) pool, as loaded
+        self._splits: list[Dataset] | None = None  # train, validation, held-out test (empty unless no test set)
+        self.classes: list[str] | None = None  # class id → name (a user's images; saved in checkpoints)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -131,36 +160,57 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def folder(self) -> Path:
-        """Where torchvision keeps this dataset's files (MNIST-format sets: <root>/<Name>/raw)."""
+        """Where the files are: a torchvision set's folder under data_dir (MNIST: <data_dir>/MNIST/raw), or root."""
+        if self.hparams.dataset in IMAGE_SOURCES:
+            return Path(self.hparams.root).expanduser()
         return sets.folder(self.root, self.hparams.dataset)
 
     def prepare_data(self) -> None:
         """Download (rank zero only, Lightning's rule) when data.download=true; otherwise touch nothing."""
-        if self.hparams.download:
+        if self.hparams.download and self.hparams.dataset in sets.DATASETS:
             sets.download(self.hparams.dataset, self.root)
 
+    def count_classes(self) -> int:
+        """num_classes, counted from the data when the config leaves it null (a user's images); fixes it."""
+        hp = self.hparams
+        if hp.dataset in IMAGE_SOURCES and self.classes is None:
+            names = self._pool(train=True).classes
+            self.classes = [names[c] for c in hp.train_classes] if hp.train_classes else list(names)
+        if hp.num_classes is None:
+            hp.num_classes = len(hp.train_classes or self._pool(train=True).classes)
+        return hp.num_classes
+
     def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        self.count_classes()
         if stage in (None, "fit", "validate") and self.train_set is None:
-            full = sets.select_classes(self._load(train=True), self.hparams.train_classes, self.hparams.dataset)
-            val_size = self.hparams.val_size
-            if val_size >= len(full):
-                raise sets.DataError(
-                    f"data.val_size={val_size} leaves no training data; allowed: 1 ≤ val_size < {len(full)}"
-                )
-            sets.check_labels(full, self.hparams.num_classes, f"{self.hparams.dataset} train set")
-            generator = torch.Generator().manual_seed(self.hparams.split_seed)
-            self.train_set, self.val_set = random_split(full, [len(full) - val_size, val_size], generator=generator)
-            if self.hparams.augment["kind"] and self.hparams.pipeline == "torchvision":  # subsets share a dataset
+            self.train_set, self.val_set, _ = self._split()
+            if hp.augment["kind"] and hp.pipeline == "torchvision":  # the subsets share one dataset
                 self.train_set = sets.with_transform(self.train_set, self.train_transform)
             self.seed = self.train_seed()
         if stage in (None, "test", "predict") and self.test_set is None:
-            test = self._load(train=False)  # once: the closed and the open set are views of it
-            self.test_set = sets.select_classes(test, self.hparams.train_classes, self.hparams.dataset)
-            sets.check_labels(self.test_set, self.hparams.num_classes, f"{self.hparams.dataset} test set")
-            if self.hparams.open_classes:
-                self.open_set = sets.select_classes(
-                    test, self.hparams.open_classes, self.hparams.dataset, relabel=False
-                )
+            own = self._has_test_set()
+            pool = self._pool(train=not own)  # once: the closed and the open set are views of it
+            self.test_set = sets.select_classes(pool, hp.train_classes, hp.dataset) if own else self._split()[2]
+            sets.check_labels(self.test_set, hp.num_classes, f"{hp.dataset} test set")
+            if hp.open_classes:
+                self.open_set = sets.select_classes(pool, hp.open_classes, hp.dataset, relabel=False)
+
+    def _has_test_set(self) -> bool:
+        return self.hparams.dataset in sets.DATASETS or self.hparams.test_root is not None
+
+    def _split(self) -> list[Dataset]:
+        """Train, validation and held-out test (empty where there is a test set) from the training pool, by a
+        generator seeded with split_seed alone: the same split for every run, stage and process."""
+        if self._splits is None:
+            hp = self.hparams
+            full = sets.select_classes(self._pool(train=True), hp.train_classes, hp.dataset)
+            sets.check_labels(full, hp.num_classes, f"{hp.dataset} train set")
+            test_size = 0 if self._has_test_set() else hp.test_size
+            val, test = sets.split_sizes(len(full), hp.val_size, test_size)
+            generator = torch.Generator().manual_seed(hp.split_seed)
+            self._splits = random_split(full, [len(full) - val - test, val, test], generator=generator)
+        return self._splits
 
     def train_seed(self) -> int:
         """data.shuffle_seed; without one (no run seed), one drawn for this run, the same on every DDP rank (rank
@@ -176,11 +226,12 @@ class ImageDataModule(L.LightningDataModule):
         dataset = getattr(self, f"{split}_set")
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        if self.hparams.pipeline != "tensor":
+        hp = self.hparams
+        if hp.pipeline != "tensor" or (hp.dataset in IMAGE_SOURCES and hp.cache == "none"):
             return dataset
         if split not in self._tensors:
-            tensors = TensorImages.from_dataset(dataset)
-            if self.hparams.on_device and self.trainer is not None:
+            tensors = TensorImages.from_dataset(dataset, num_workers=hp.num_workers)
+            if hp.on_device and self.trainer is not None:
                 tensors = tensors.to(self.trainer.strategy.root_device)
             self._tensors[split] = tensors
         return self._tensors[split]
@@ -214,13 +265,32 @@ class ImageDataModule(L.LightningDataModule):
             self._augment_key = (epoch, device)
         return self._augment_generator
 
-    def _load(self, train: bool) -> Dataset:
-        hp = self.hparams
-        shape = (hp.in_channels, hp.image_size, hp.image_size)
-        num_classes = hp.num_classes if hp.train_classes is None else None
-        dataset = sets.load(hp.dataset, self.root, train, shape, num_classes)
-        dataset.transform = self.transform
-        return dataset
+    def _pool(self, train: bool) -> Dataset:
+        """The training pool (train=True) or the separate test set, loaded and checked once."""
+        if train not in self._pools:
+            hp = self.hparams
+            if hp.dataset in IMAGE_SOURCES:
+                read = IMAGE_SOURCES[hp.dataset]
+                index = read(self.folder) if train else read(Path(hp.test_root).expanduser(), key="data.test_root")
+                if not train:  # the test set's classes are the training pool's, matched by name
+                    index = images.match_classes(index, self._pool(train=True).classes, hp.test_root)
+                for note in index.notes:
+                    log.warning("%s: %s", hp.root if train else hp.test_root, note)
+                dataset = ImageFiles(index, hp.in_channels, hp.image_size)
+            else:
+                shape = (hp.in_channels, hp.image_size, hp.image_size)
+                num_classes = hp.num_classes if hp.train_classes is None else None
+                dataset = sets.load(hp.dataset, self.root, train, shape, num_classes)
+                dataset.transform = self.transform
+            self._pools[train] = dataset
+        return self._pools[train]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the class names of a user's images (the head's class id i is classes[i])."""
+        return {"classes": self.classes} if self.classes is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.classes = state_dict.get("classes", self.classes)
 
     def _loader(self, split: str, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
         dataset = self._serve(split)

@@ -74,6 +74,28 @@ def load(name: str, root: Path, train: bool, shape: tuple[int, int, int], num_cl
     return dataset
 
 
+def is_size(value: Any) -> bool:
+    """A split size: a count ≥ 1, or a fraction of the pool in (0, 1)."""
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
+        isinstance(value, float) and 0 < value < 1
+    )
+
+
+def split_sizes(n: int, val_size: int | float, test_size: int | float | None) -> tuple[int, int]:
+    """Validation and held-out test counts out of a pool of n: counts, or fractions rounded (at least 1). Test 0:
+    the set has its own test set; None: as val_size."""
+    val, test = (size if isinstance(size, int) else max(1, round(size * n)) for size in (val_size, test_size or 0))
+    test = val if test_size is None else test
+    if test and val + test >= n:
+        raise DataError(
+            f"data.val_size={val_size} and data.test_size={test_size} (null: val_size) leave no training data; "
+            f"allowed: together fewer than the {n} images"
+        )
+    if val >= n:
+        raise DataError(f"data.val_size={val_size} leaves no training data; allowed: 1 ≤ val_size < {n}")
+    return val, test
+
+
 def check_labels(dataset: Dataset, num_classes: int, what: str) -> None:
     """Every label in [0, num_classes), checked once when the data is set up: the heads skip that check on
     accelerators, where it would cost a device synchronisation per step (heads.py)."""
@@ -107,14 +129,14 @@ class Relabel:
         return self.index[int(target)]
 
 
-def check_class_split(train_classes: list[int] | None, open_classes: list[int] | None, num_classes: int) -> None:
+def check_class_split(train_classes: list[int] | None, open_classes: list[int] | None, num_classes: int | None) -> None:
     """Open-set protocol: train on some classes, evaluate retrieval on others, never both."""
     for name, classes in (("train_classes", train_classes), ("open_classes", open_classes)):
         if classes is not None and (len(classes) == 0 or len(set(classes)) != len(classes)):
             raise ValueError(f"data.{name}={list(classes)} must be a non-empty list of distinct class ids")
     if open_classes and train_classes is None:
         raise ValueError("data.open_classes needs data.train_classes (the classes the model may see)")
-    if train_classes is not None and len(train_classes) != num_classes:
+    if train_classes is not None and num_classes is not None and len(train_classes) != num_classes:
         raise ValueError(f"data.num_classes={num_classes} but data.train_classes has {len(train_classes)} classes")
     if shared := sorted(set(train_classes or ()) & set(open_classes or ())):
         raise ValueError(f"data.train_classes and data.open_classes share {shared}; open classes must be unseen")

@@ -1,13 +1,14 @@
 """The in-memory tensor pipeline's storage: a whole image set as one uint8 tensor, served a batch per index lookup.
 
-`TensorImages.from_dataset` reads a torchvision MNIST/CIFAR set's decoded `.data` array (no PIL); `targets` gives
-any such set's labels without decoding an image (the data module's label check uses it).
+`TensorImages.from_dataset` reads a torchvision MNIST/CIFAR set's decoded `.data` array (no PIL), or decodes a
+user's images once; `targets` gives any such set's labels (a `.targets` attribute and an optional
+`target_transform`, torchvision's convention) without decoding an image (the data module's label check uses it).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 
 class TensorImages(Dataset):
@@ -23,10 +24,16 @@ class TensorImages(Dataset):
         self.images, self.labels = images, labels
 
     @classmethod
-    def from_dataset(cls, dataset: Dataset) -> TensorImages:
-        """The samples of a torchvision MNIST/CIFAR dataset (or nested Subsets of one), in the same order, with
-        its target_transform applied; read from its decoded `.data` array, not through PIL."""
+    def from_dataset(cls, dataset: Dataset, num_workers: int = 0) -> TensorImages:
+        """The samples of a dataset (or nested Subsets of one), in the same order, with its target_transform
+        applied. A torchvision MNIST/CIFAR set is read from its decoded `.data` array, not through PIL; any other
+        set of uint8 (C, H, W) samples (a user's images) is decoded once, batch by batch, in `num_workers` loader
+        workers."""
         base, indices = unwrap(dataset)
+        if not hasattr(base, "data"):
+            loader = DataLoader(dataset, batch_size=256, num_workers=num_workers)
+            batches = [images for images, _ in loader]
+            return cls(torch.cat(batches) if batches else torch.empty(0, 1, 1, 1, dtype=torch.uint8), targets(dataset))
         images = torch.as_tensor(base.data)[indices]
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # MNIST NHW, CIFAR NHWC
         return cls(images.contiguous(), targets(dataset))
