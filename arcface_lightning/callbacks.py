@@ -91,6 +91,8 @@ class EmbeddingFigures(L.Callback):
         self._thumbnails = []
 
     def _log_angles(self, trainer, pl_module, stage: str, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        if getattr(pl_module, "held_out_classes", False):  # identities the head never learnt have no centre
+            return
         writer, step = self._writer(trainer), trainer.global_step
         centres = pl_module.head.weight.detach().float().cpu()
         own, nearest_other = class_angles(embeddings, labels, centres)
@@ -114,7 +116,7 @@ class EmbeddingFigures(L.Callback):
             tag="test/embeddings",
         )
         self._log_angles(trainer, pl_module, "test", embeddings, labels)
-        if embeddings.shape[1] in (2, 3):
+        if embeddings.shape[1] in (2, 3) and not getattr(pl_module, "held_out_classes", False):
             figure = sphere_figure(embeddings, labels, pl_module.head.weight.detach().float().cpu())
             figure.savefig(Path(trainer.default_root_dir) / "sphere.png")
             writer.add_figure("test/sphere", figure, trainer.global_step)

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from arcface_lightning.checks import BadValue, first_line, is_int, require
+from arcface_lightning.metrics import SELECTION
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -45,6 +46,15 @@ def native_bf16_precision(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return "bf16-mixed" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "32-true"
 
 
+def selection_metric(val_split: str, form: str = "name") -> str:
+    """The metric that selects checkpoints for a data.val_split (val/acc, or val/precision_at_1 for by_class); as
+    `filename`, ModelCheckpoint's pattern for it (val_acc_{val/acc:.4f})."""
+    if val_split not in SELECTION:
+        raise ConfigError(f"data.val_split={val_split!r} is invalid; allowed: {', '.join(SELECTION)}")
+    name = SELECTION[val_split]
+    return f"{name.replace('/', '_')}_{{{name}:.4f}}" if form == "filename" else name
+
+
 def register_configs() -> None:
     """What conf/ needs besides its own files; call it before composing a config and before resolving one. The
     entry points call it in their cli() and again in each job (launchers run jobs in fresh processes).
@@ -53,6 +63,8 @@ def register_configs() -> None:
       so `trainer.<any flag>=...` works without `+` and stays in step with the installed Lightning;
     - `${repo_root:}`: data/ and logs/ default to the repository, wherever the command is run from;
     - `${native_bf16:}`: see native_bf16_precision;
+    - `${selection:<data.val_split>}`: the validation metric that picks the checkpoint (metrics.SELECTION), and
+      `${selection:<data.val_split>,filename}` the checkpoint file name's pattern for it;
     - `${pid:}` in run and sweep dir names: two runs started in the same second never share a folder. Cached, so
       the jobs of a sweep, sent to other processes by launchers, see the launching process's value.
     """
@@ -67,6 +79,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
     OmegaConf.register_new_resolver("native_bf16", native_bf16_precision, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("selection", selection_metric, replace=True)
 
 
 class ConfigError(ValueError):

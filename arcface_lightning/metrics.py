@@ -110,5 +110,10 @@ def verification_metrics(
     return metrics
 
 
+# the validation metric that picks the checkpoint, by data.val_split: accuracy where validation images are of the
+# head's classes; retrieval precision@1 where they are of held-out classes (closed-set accuracy does not exist)
+SELECTION = {"by_sample": "val/acc", "by_class": "val/precision_at_1"}
+
+
 def embedding_metrics(embeddings: torch.Tensor, labels: torch.Tensor, **kwargs: int) -> dict[str, float]:
     return {**retrieval_metrics(embeddings, labels), **verification_metrics(embeddings, labels, **kwargs)}

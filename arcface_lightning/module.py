@@ -19,8 +19,8 @@ from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from arcface_lightning import heads
-from arcface_lightning.checks import check_int
-from arcface_lightning.metrics import embedding_metrics
+from arcface_lightning.checks import check_choice, check_int
+from arcface_lightning.metrics import SELECTION, embedding_metrics
 
 
 class DivergedError(FloatingPointError):
@@ -70,9 +70,11 @@ class ArcFaceModule(L.LightningModule):
         projector_samples: int = 2000,
         channels_last: bool = True,
         example_input_shape: Sequence[int] | None = None,
+        val_split: str = "by_sample",
     ) -> None:
         super().__init__()
         check_int(type(self).__name__, "max_pairs", max_pairs)
+        check_choice(type(self).__name__, "val_split", val_split, ("by_sample", "by_class"))
         live = [
             name
             for name, part in (("backbone", backbone), ("head", head), ("optimizer", optimizer))
@@ -82,7 +84,12 @@ class ArcFaceModule(L.LightningModule):
         self.optimizer_factory = optimizer if callable(optimizer) else instantiate(optimizer)
         if example_input_shape is not None:
             self.example_input_array = torch.zeros(1, *example_input_shape)
-        self._test_embeddings: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per test loader
+        # per test loader (0: the test set, 1: the open set), and for validation with held-out classes
+        self._test_embeddings: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._val_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # by_class: validation and test images are of classes the head never learnt, so closed-set accuracy does
+        # not exist there; validation measures retrieval (SELECTION[val_split] picks the checkpoint)
+        self.held_out_classes = val_split == "by_class"
         self.backbone = backbone if isinstance(backbone, nn.Module) else instantiate(backbone)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)  # 4-D weights only; checkpoints load into it as usual
@@ -99,7 +106,7 @@ class ArcFaceModule(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_margin = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_margin = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc_best = MaxMetric()
+        self.val_acc_best = MaxMetric()  # of SELECTION[val_split]: val/acc, or val/precision_at_1 for by_class
         self.val_acc_best.persistent(True)  # in checkpoints, so a resumed run keeps its best so far
         # true on the device once a training loss is not finite; read on logging steps only (see the class doc).
         # A plain attribute, not a buffer: DDP would overwrite every rank's buffers with rank zero's.
@@ -160,14 +167,25 @@ class ArcFaceModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Metrics; the embeddings and labels go out to callbacks (callbacks.EmbeddingFigures)."""
-        embeddings = self._evaluate(batch, "val", self.val_acc, self.val_acc_margin)
+        if self.held_out_classes:
+            embeddings = self(batch[0])
+            self._val_embeddings.append((embeddings.detach(), batch[1]))
+        else:
+            embeddings = self._evaluate(batch, "val", self.val_acc, self.val_acc_margin)
         return {"embeddings": embeddings.detach(), "labels": batch[1]}
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:  # the sanity check's two batches are no epoch
+        if self.held_out_classes:
+            batches, self._val_embeddings = self._val_embeddings, []
+            if self.trainer.sanity_checking:
+                return
+            metrics = self._log_embedding_metrics("val", batches)
+            self.val_acc_best(metrics["precision_at_1"])
+        elif self.trainer.sanity_checking:  # the sanity check's two batches are no epoch
             return
-        self.val_acc_best(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        else:
+            self.val_acc_best(self.val_acc.compute())
+        self.log(f"{SELECTION[self.hparams.val_split]}_best", self.val_acc_best.compute(), prog_bar=True)
 
     def test_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
@@ -175,7 +193,7 @@ class ArcFaceModule(L.LightningModule):
         """Loader 0: the test set (accuracy, loss, embeddings). Loader 1, in the open-set protocol: images of classes
         the head never saw, whose embeddings only feed the openset/* retrieval and verification metrics. The
         embeddings and labels also go out to callbacks."""
-        if dataloader_idx == 0:
+        if dataloader_idx == 0 and not self.held_out_classes:
             embeddings = self._evaluate(batch, "test", self.test_acc, self.test_acc_margin)
         else:
             embeddings = self(batch[0])
@@ -194,13 +212,18 @@ class ArcFaceModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         """Retrieval and verification on each test loader's embeddings (gathered from every rank)."""
         for dataloader_idx, batches in sorted(self._test_embeddings.items()):
-            embeddings, labels = (torch.cat(parts) for parts in zip(*batches, strict=True))
-            if self.trainer.world_size > 1:  # DistributedSampler gives every rank the same number of samples
-                embeddings, labels = self.all_gather(embeddings).flatten(0, 1), self.all_gather(labels).flatten(0, 1)
-            metrics = embedding_metrics(embeddings.cpu(), labels.cpu(), max_pairs=self.hparams.max_pairs)
-            stage = "test" if dataloader_idx == 0 else "openset"
-            self.log_dict({f"{stage}/{name}": value for name, value in metrics.items()}, add_dataloader_idx=False)
+            self._log_embedding_metrics("test" if dataloader_idx == 0 else "openset", batches)
         self._test_embeddings.clear()  # free the memory
+
+    def _log_embedding_metrics(self, stage: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """Retrieval and verification metrics of one stage's embeddings, gathered from every rank, logged as
+        <stage>/<name>; returned as tensors."""
+        embeddings, labels = (torch.cat(parts) for parts in zip(*batches, strict=True))
+        if self.trainer.world_size > 1:  # DistributedSampler gives every rank the same number of samples
+            embeddings, labels = self.all_gather(embeddings).flatten(0, 1), self.all_gather(labels).flatten(0, 1)
+        metrics = embedding_metrics(embeddings.cpu(), labels.cpu(), max_pairs=self.hparams.max_pairs)
+        self.log_dict({f"{stage}/{name}": value for name, value in metrics.items()}, add_dataloader_idx=False)
+        return metrics
 
     def _evaluate(
         self,

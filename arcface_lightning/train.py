@@ -50,6 +50,8 @@ from arcface_lightning.module import ArcFaceModule
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.runs import check_ckpt_path, final_metrics, run, start, write_classes
 
+# beside the hyper-parameters in TensorBoard's HPARAMS tab (by_class runs have no closed-set accuracy)
+HPARAMS_METRICS = ("val/acc_best", "val/precision_at_1_best", "test/acc", "test/acc_margin", "test/precision_at_1")
 __all__ = ["CONF_DIR", "REPO_ROOT", "build", "cli", "main", "run", "train"]  # what notebooks and scripts use
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["time/test_s"] = round(timer.time_elapsed("test"), 3)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            shown = {k: v for k, v in metrics.items() if k in ("val/acc_best", "test/acc", "test/acc_margin")}
+            shown_keys = (
+                "val/acc_best",
+                "val/precision_at_1_best",
+                "test/acc",
+                "test/acc_margin",
+                "test/precision_at_1",
+            )
+            shown = {k: v for k, v in metrics.items() if k in shown_keys}
             logger.log_hyperparams(hparams_for_tensorboard(cfg), metrics=shown, step=trainer.global_step)
             logger.finalize("success")  # flush now: readers (tests, TensorBoard) must not wait for the writer thread
     return {

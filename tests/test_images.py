@@ -241,3 +241,53 @@ def test_an_image_list_in_mnist_order_trains_exactly_as_the_mnist_files(tmp_path
     )
     for key in ("test/acc", "test/loss", "val/acc_best", "test/map_at_r"):
         assert from_list[key] == pytest.approx(reference[key], abs=1e-6), key
+
+
+def test_by_class_holds_out_whole_identities_and_selects_on_retrieval(folder: Path, tmp_path: Path) -> None:
+    """data.val_split=by_class: validation and test identities are never trained on; validation measures
+    precision@1, which picks the checkpoint; there is no closed-set accuracy on held-out classes."""
+    dm = image_module(folder, val_split="by_class", val_size=2, test_size=0.2)
+    dm.setup()
+    train_ids = set(dm.train_set.dataset.targets[dm.train_set.indices].tolist())
+    val_ids, test_ids = (set(s.dataset.targets[s.indices].tolist()) for s in (dm.val_set, dm.test_set))
+    assert len(val_ids) == len(test_ids) == 2 and len(train_ids) == 6 and dm.count_classes() == 6
+    assert not (train_ids & val_ids or train_ids & test_ids or val_ids & test_ids)
+    assert len(dm.val_set) == len(dm.test_set) == 2 * PER_CLASS and len(dm.train_set) == 6 * PER_CLASS
+    assert dm.classes == [f"digit_{d}" for d in sorted(train_ids)]
+    assert sorted(set(targets_of(dm.train_set))) == list(range(6))  # relabelled for the head
+
+    cfg = tiny_config(
+        tmp_path,
+        tmp_path / "run",
+        "data=image_folder",
+        f"data.root={folder}",
+        "data.val_split=by_class",
+        "data.val_size=2",
+        "data.test_size=2",
+        "data.in_channels=1",
+        "data.image_size=28",
+        "data.num_workers=0",
+        "trainer.max_epochs=2",
+    )
+    metrics = run(train, cfg)
+    assert metrics["status"] == "ok" and "test/acc" not in metrics and "val/acc" not in metrics
+    for key in ("val/precision_at_1", "val/precision_at_1_best", "test/precision_at_1", "test/verification_auc"):
+        assert 0 <= metrics[key] <= 1, key
+    assert (
+        Path(metrics["best_checkpoint"]).name.startswith("epoch_")
+        and "val_precision_at_1_" in metrics["best_checkpoint"]
+    )
+    assert len(json.loads((tmp_path / "run" / "classes.json").read_text())) == 6
+
+
+def test_by_class_needs_held_out_classes_with_pairs(tmp_path: Path) -> None:
+    images, labels = digits(2)
+    root = write_folder(tmp_path / "few", images[::2], labels[::2])  # one image per class
+    with pytest.raises(DataError, match=r"holds out 2 classes, but only 0 of the 10 have 2 images or more"):
+        image_module(root, val_split="by_class", val_size=1, test_size=1).setup()
+
+
+def targets_of(dataset) -> list[int]:
+    from arcface_lightning.data.tensors import targets
+
+    return targets(dataset).tolist()

@@ -34,7 +34,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, random_split
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, random_split
 from torchvision import transforms
 
 from arcface_lightning.checks import check_choice, check_int, is_int, is_number, require
@@ -42,11 +42,12 @@ from arcface_lightning.data import augment as augmentation
 from arcface_lightning.data import datasets as sets
 from arcface_lightning.data import images
 from arcface_lightning.data.images import ImageFiles, read_list, scan_folder
-from arcface_lightning.data.tensors import TensorImages, ready_batch
+from arcface_lightning.data.tensors import TensorImages, ready_batch, targets
 
 PIPELINES = ("tensor", "torchvision")
 IMAGE_SOURCES = {"image_folder": scan_folder, "image_list": read_list}  # data.root: a folder, or a CSV list
 CACHES = ("none", "memory")
+VAL_SPLITS = ("by_sample", "by_class")
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,16 @@ class ImageDataModule(L.LightningDataModule):
         test_root: str | None = None,
         test_size: int | float | None = None,
         cache: str = "none",
+        val_split: str = "by_sample",
     ) -> None:
         """`dataset`: a torchvision set (files under `data_dir`), or `image_folder` / `image_list` (files under
         `root`, a folder or a CSV list; `test_root` the same for a separate test set, else `test_size`, default
         `val_size`, is held out). `num_classes`: null counts them from the data (`count_classes`). `mean`, `std`:
         null is 0.5 per channel, i.e. [0, 255] → [-1, 1]. `cache`: a user's images decoded once into memory
-        (`memory`) or in the loader's workers at every epoch (`none`).
+        (`memory`) or in the loader's workers at every epoch (`none`). `val_split`: `by_sample` draws validation
+        (and held-out test) images from every class; `by_class` holds out whole classes (identities) for them, so
+        `val_size`/`test_size` count classes, and only classes with ≥ 2 images are held out (a retrieval query
+        needs a match).
         `augment`: the `data.augment` node (augment.py: kind, degrees, translate, scale, crop_padding) or a kind
         alone. `degrees`, `translate`, `scale`, `crop_padding`: deprecated spellings of its keys (older configs and
         checkpoints), folded into it with a warning."""
@@ -102,6 +107,11 @@ class ImageDataModule(L.LightningDataModule):
         check_choice(owner, "dataset", dataset, [*sets.DATASETS, *IMAGE_SOURCES])
         check_choice(owner, "pipeline", pipeline, PIPELINES)
         check_choice(owner, "cache", cache, CACHES)
+        check_choice(owner, "val_split", val_split, VAL_SPLITS)
+        if val_split == "by_class" and (train_classes or open_classes):
+            raise ValueError(
+                "data.val_split=by_class holds out classes itself; it takes no data.train_classes/open_classes"
+            )
         if dataset in IMAGE_SOURCES:
             require(owner, "root", root, f"the path of a {'folder' if dataset == 'image_folder' else 'CSV file'}", bool)
             if pipeline != "tensor":
@@ -143,6 +153,7 @@ class ImageDataModule(L.LightningDataModule):
         self._tensors: dict[str, TensorImages] = {}  # tensor pipeline: split name → its uint8 copy
         self._pools: dict[bool, Dataset] = {}  # train (True) / test (False) pool, as loaded
         self._splits: list[Dataset] | None = None  # train, validation, held-out test (empty unless no test set)
+        self._class_splits: tuple[list[int], list[int], list[int]] | None = None  # by_class: train, val, test ids
         self.classes: list[str] | None = None  # class id → name (a user's images; saved in checkpoints)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -173,12 +184,42 @@ class ImageDataModule(L.LightningDataModule):
     def count_classes(self) -> int:
         """num_classes, counted from the data when the config leaves it null (a user's images); fixes it."""
         hp = self.hparams
+        chosen = self._training_classes()
         if hp.dataset in IMAGE_SOURCES and self.classes is None:
             names = self._pool(train=True).classes
-            self.classes = [names[c] for c in hp.train_classes] if hp.train_classes else list(names)
+            self.classes = [names[c] for c in chosen] if chosen else list(names)
+        counted = len(chosen) if chosen else None
         if hp.num_classes is None:
-            hp.num_classes = len(hp.train_classes or self._pool(train=True).classes)
+            hp.num_classes = counted or len(self._pool(train=True).classes)
+        elif hp.val_split == "by_class" and counted != hp.num_classes:
+            raise sets.DataError(f"data.num_classes={hp.num_classes} but by_class leaves {counted} training classes")
         return hp.num_classes
+
+    def _training_classes(self) -> list[int] | None:
+        """The pool's class ids the head learns (None: all of them): data.train_classes, or by_class's rest."""
+        return self._class_split()[0] if self.hparams.val_split == "by_class" else self.hparams.train_classes
+
+    def _class_split(self) -> tuple[list[int], list[int], list[int]]:
+        """by_class: (training, validation, test) class ids of the training pool, seeded by split_seed alone. Only
+        classes with two images or more are held out; with a separate test folder no test classes are drawn."""
+        if self._class_splits is None:
+            hp = self.hparams
+            pool = self._pool(train=True)
+            counts = torch.bincount(targets(pool), minlength=len(pool.classes))
+            present, eligible = int((counts > 0).sum()), torch.nonzero(counts >= 2).squeeze(1)
+            test_size = 0 if hp.test_root is not None else hp.test_size
+            val, test = sets.split_sizes(present, hp.val_size, test_size, unit="classes")
+            if val + test > len(eligible):
+                raise sets.DataError(
+                    f"data.val_split=by_class holds out {val + test} classes, but only {len(eligible)} of the "
+                    f"{present} have 2 images or more (a held-out class needs a pair); lower data.val_size/test_size"
+                )
+            order = eligible[torch.randperm(len(eligible), generator=torch.Generator().manual_seed(hp.split_seed))]
+            held_val, held_test = sorted(order[:val].tolist()), sorted(order[val : val + test].tolist())
+            held = set(held_val) | set(held_test)
+            training = [c for c in range(len(pool.classes)) if counts[c] > 0 and c not in held]
+            self._class_splits = training, held_val, held_test
+        return self._class_splits
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -191,10 +232,18 @@ class ImageDataModule(L.LightningDataModule):
         if stage in (None, "test", "predict") and self.test_set is None:
             own = self._has_test_set()
             pool = self._pool(train=not own)  # once: the closed and the open set are views of it
-            self.test_set = sets.select_classes(pool, hp.train_classes, hp.dataset) if own else self._split()[2]
-            sets.check_labels(self.test_set, hp.num_classes, f"{hp.dataset} test set")
+            if hp.val_split == "by_class":  # identities never trained on: the test folder's, or the held-out ones
+                held = self._class_split()[2]
+                self.test_set = self._split()[2] if not own else pool if hp.test_root else self._select(pool, held)
+            else:
+                self.test_set = sets.select_classes(pool, hp.train_classes, hp.dataset) if own else self._split()[2]
+                sets.check_labels(self.test_set, hp.num_classes, f"{hp.dataset} test set")
             if hp.open_classes:
-                self.open_set = sets.select_classes(pool, hp.open_classes, hp.dataset, relabel=False)
+                self.open_set = self._select(pool, hp.open_classes)
+
+    def _select(self, pool: Dataset, classes: list[int]) -> Dataset:
+        """The samples of some classes with their pool's labels (held-out and open-set classes)."""
+        return sets.select_classes(pool, classes, self.hparams.dataset, relabel=False)
 
     def _has_test_set(self) -> bool:
         return self.hparams.dataset in sets.DATASETS or self.hparams.test_root is not None
@@ -204,12 +253,18 @@ class ImageDataModule(L.LightningDataModule):
         generator seeded with split_seed alone: the same split for every run, stage and process."""
         if self._splits is None:
             hp = self.hparams
-            full = sets.select_classes(self._pool(train=True), hp.train_classes, hp.dataset)
+            pool = self._pool(train=True)
+            full = sets.select_classes(pool, self._training_classes(), hp.dataset)
             sets.check_labels(full, hp.num_classes, f"{hp.dataset} train set")
-            test_size = 0 if self._has_test_set() else hp.test_size
-            val, test = sets.split_sizes(len(full), hp.val_size, test_size)
-            generator = torch.Generator().manual_seed(hp.split_seed)
-            self._splits = random_split(full, [len(full) - val - test, val, test], generator=generator)
+            if hp.val_split == "by_class":
+                _, held_val, held_test = self._class_split()
+                test = self._select(pool, held_test) if held_test and not self._has_test_set() else Subset(pool, [])
+                self._splits = [full, self._select(pool, held_val), test]
+            else:
+                test_size = 0 if self._has_test_set() else hp.test_size
+                val, test = sets.split_sizes(len(full), hp.val_size, test_size)
+                generator = torch.Generator().manual_seed(hp.split_seed)
+                self._splits = random_split(full, [len(full) - val - test, val, test], generator=generator)
         return self._splits
 
     def train_seed(self) -> int:
@@ -272,7 +327,7 @@ class ImageDataModule(L.LightningDataModule):
             if hp.dataset in IMAGE_SOURCES:
                 read = IMAGE_SOURCES[hp.dataset]
                 index = read(self.folder) if train else read(Path(hp.test_root).expanduser(), key="data.test_root")
-                if not train:  # the test set's classes are the training pool's, matched by name
+                if not train and hp.val_split == "by_sample":  # a closed-set test: the pool's classes, by name
                     index = images.match_classes(index, self._pool(train=True).classes, hp.test_root)
                 for note in index.notes:
                     log.warning("%s: %s", hp.root if train else hp.test_root, note)

@@ -81,18 +81,19 @@ def is_size(value: Any) -> bool:
     )
 
 
-def split_sizes(n: int, val_size: int | float, test_size: int | float | None) -> tuple[int, int]:
-    """Validation and held-out test counts out of a pool of n: counts, or fractions rounded (at least 1). Test 0:
-    the set has its own test set; None: as val_size."""
+def split_sizes(n: int, val_size: int | float, test_size: int | float | None, unit: str = "images") -> tuple[int, int]:
+    """Validation and held-out test counts out of a pool of n (images, or classes for by_class splits): counts, or
+    fractions rounded (at least 1). Test 0: the set has its own test set; None: as val_size."""
     val, test = (size if isinstance(size, int) else max(1, round(size * n)) for size in (val_size, test_size or 0))
     test = val if test_size is None else test
     if test and val + test >= n:
         raise DataError(
             f"data.val_size={val_size} and data.test_size={test_size} (null: val_size) leave no training data; "
-            f"allowed: together fewer than the {n} images"
+            f"allowed: together fewer than the {n} {unit}"
         )
     if val >= n:
-        raise DataError(f"data.val_size={val_size} leaves no training data; allowed: 1 ≤ val_size < {n}")
+        of = "" if unit == "images" else f" ({unit})"
+        raise DataError(f"data.val_size={val_size} leaves no training data; allowed: 1 ≤ val_size < {n}{of}")
     return val, test
 
 
