@@ -10,9 +10,14 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader
 
 from arcface_lightning.checks import check_int
+from arcface_lightning.data.images import ImageFiles
+from arcface_lightning.data.pairs import PairList, read_pairs
 from arcface_lightning.figures import angle_figure, class_angles, sphere_figure
+from arcface_lightning.heads import normalize
+from arcface_lightning.metrics import pair_metrics
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +125,42 @@ class EmbeddingFigures(L.Callback):
             figure = sphere_figure(embeddings, labels, pl_module.head.weight.detach().float().cpu())
             figure.savefig(Path(trainer.default_root_dir) / "sphere.png")
             writer.add_figure("test/sphere", figure, trainer.global_step)
+
+
+class PairVerification(L.Callback):
+    """`evaluation.pairs`: a pair list (data/pairs.py: CSV or LFW's pairs.txt) verified at every test, logged as
+    pairs/verification_acc and pairs/verification_acc_std (over the list's folds, the threshold chosen on the other
+    folds: the LFW protocol), pairs/verification_auc, pairs/tar_at_far_1e-3 and 1e-4, pairs/threshold (the mean of
+    the folds' thresholds, a cosine). The list is read and every image checked for existence at setup, before any
+    training. Its images are decoded at the data module's image_size and in_channels and prepared as its batches
+    are (normalisation), so a model sees pair images exactly as its test images.
+
+    Every process embeds the whole list (pair lists are small: LFW has 7,701 distinct images), so under DDP each
+    rank logs the same numbers without a gather.
+    """
+
+    def __init__(self, pairs: str | None = None, batch_size: int = 256, num_workers: int = 0) -> None:
+        check_int(type(self).__name__, "batch_size", batch_size)
+        check_int(type(self).__name__, "num_workers", num_workers, minimum=0)
+        self.path = Path(pairs).expanduser() if pairs else None
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.pairs: PairList | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.path is not None and self.pairs is None:
+            self.pairs = read_pairs(self.path)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.pairs is None:
+            return
+        data = trainer.datamodule
+        files = ImageFiles(self.pairs.index(), data.hparams.in_channels, data.hparams.image_size)
+        loader = DataLoader(files, batch_size=self.batch_size, num_workers=self.num_workers)
+        parts = []
+        for images, _ in loader:
+            with trainer.precision_plugin.forward_context():
+                parts.append(pl_module(data.prepare(images.to(pl_module.device))).float())
+        x = normalize(torch.cat(parts)).cpu()
+        scores = (x[self.pairs.a] * x[self.pairs.b]).sum(1)
+        metrics = pair_metrics(scores, self.pairs.same, self.pairs.fold)
+        pl_module.log_dict({f"pairs/{name}": value for name, value in metrics.items()}, add_dataloader_idx=False)

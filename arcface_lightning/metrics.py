@@ -9,6 +9,7 @@ Verification: pairs of embeddings scored by cosine similarity, same class = posi
 most `max_pairs`, else a seeded sample of equally many positive and negative pairs.
 - verification_auc: ROC AUC; tar_at_far_1e-3 / 1e-4: the true accept rate at that false accept rate;
 - verification_acc: 10-fold accuracy, the LFW protocol: threshold chosen on 9 folds, accuracy on the 10th, averaged.
+`pair_metrics` does the same for a given list of scored pairs and folds (a pair list such as LFW's pairs.txt).
 
 Memory stays bounded: similarities are computed `chunk_size` queries at a time (chunk × N), never N × N.
 """
@@ -94,19 +95,31 @@ def verification_metrics(
     x = normalize(embeddings.float())
     i, j = sample_pairs(labels, max_pairs, seed)
     scores, same = (x[i] * x[j]).sum(1), labels[i] == labels[j]
+    fold_of = torch.randperm(len(scores), generator=torch.Generator().manual_seed(seed)) % folds
+    metrics = pair_metrics(scores, same, fold_of)
+    del metrics["verification_acc_std"], metrics["threshold"]
+    return metrics
+
+
+def pair_metrics(scores: torch.Tensor, same: torch.Tensor, fold_of: torch.Tensor) -> dict[str, float]:
+    """Scored pairs (same: the pair shows one class) in folds: ROC AUC, TAR at FAR 1e-3 and 1e-4, and the LFW
+    protocol's accuracy — for each fold, the threshold with the best accuracy on the other folds, applied to it —
+    as the mean and standard deviation over folds, with the mean threshold."""
     if same.all() or not same.any():
         raise ValueError("verification needs both same-class and different-class pairs")
     far, tar, _ = binary_roc(scores, same.long())
     metrics = {"verification_auc": float(binary_auroc(scores, same.long()))}
     for target, name in ((1e-3, "tar_at_far_1e-3"), (1e-4, "tar_at_far_1e-4")):
         metrics[name] = float(tar[far <= target].max())
-    fold_of = torch.randperm(len(scores), generator=torch.Generator().manual_seed(seed)) % folds
-    accuracies = []
-    for fold in range(folds):
+    accuracies, thresholds = [], []
+    for fold in torch.unique(fold_of).tolist():
         test = fold_of == fold
-        threshold = best_threshold(scores[~test], same[~test])
-        accuracies.append(((scores[test] >= threshold) == same[test]).float().mean())
-    metrics["verification_acc"] = float(torch.stack(accuracies).mean())
+        thresholds.append(best_threshold(scores[~test], same[~test]) if (~test).any() else 0.0)
+        accuracies.append(((scores[test] >= thresholds[-1]) == same[test]).double().mean())
+    accuracy = torch.stack(accuracies)
+    metrics["verification_acc"] = float(accuracy.mean())
+    metrics["verification_acc_std"] = float(accuracy.std()) if len(accuracy) > 1 else 0.0
+    metrics["threshold"] = sum(thresholds) / len(thresholds)
     return metrics
 
 

@@ -34,13 +34,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, random_split
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision import transforms
 
 from arcface_lightning.checks import check_choice, check_int, is_int, is_number, require
 from arcface_lightning.data import augment as augmentation
 from arcface_lightning.data import datasets as sets
-from arcface_lightning.data import images
+from arcface_lightning.data import images, splits
 from arcface_lightning.data.images import ImageFiles, read_list, scan_folder
 from arcface_lightning.data.tensors import TensorImages, ready_batch, targets
 
@@ -125,8 +125,8 @@ class ImageDataModule(L.LightningDataModule):
         counted = "null (counted from the data) or an integer ≥ 1"
         require(owner, "num_classes", num_classes, counted, lambda v: v is None or (is_int(v) and v > 0))
         sizes = "an integer ≥ 1, or a fraction 0 < f < 1 of the training pool"
-        require(owner, "val_size", val_size, sizes, sets.is_size)
-        require(owner, "test_size", test_size, f"null (val_size) or {sizes}", lambda v: v is None or sets.is_size(v))
+        require(owner, "val_size", val_size, sizes, splits.is_size)
+        require(owner, "test_size", test_size, f"null (val_size) or {sizes}", lambda v: v is None or splits.is_size(v))
         check_int(owner, "num_workers", num_workers, minimum=0)
         check_int(owner, "split_seed", split_seed, minimum=0)
         require(
@@ -200,25 +200,14 @@ class ImageDataModule(L.LightningDataModule):
         return self._class_split()[0] if self.hparams.val_split == "by_class" else self.hparams.train_classes
 
     def _class_split(self) -> tuple[list[int], list[int], list[int]]:
-        """by_class: (training, validation, test) class ids of the training pool, seeded by split_seed alone. Only
-        classes with two images or more are held out; with a separate test folder no test classes are drawn."""
+        """by_class: (training, validation, test) class ids of the training pool; with a separate test folder no
+        test classes are drawn."""
         if self._class_splits is None:
-            hp = self.hparams
-            pool = self._pool(train=True)
-            counts = torch.bincount(targets(pool), minlength=len(pool.classes))
-            present, eligible = int((counts > 0).sum()), torch.nonzero(counts >= 2).squeeze(1)
+            hp, pool = self.hparams, self._pool(train=True)
             test_size = 0 if hp.test_root is not None else hp.test_size
-            val, test = sets.split_sizes(present, hp.val_size, test_size, unit="classes")
-            if val + test > len(eligible):
-                raise sets.DataError(
-                    f"data.val_split=by_class holds out {val + test} classes, but only {len(eligible)} of the "
-                    f"{present} have 2 images or more (a held-out class needs a pair); lower data.val_size/test_size"
-                )
-            order = eligible[torch.randperm(len(eligible), generator=torch.Generator().manual_seed(hp.split_seed))]
-            held_val, held_test = sorted(order[:val].tolist()), sorted(order[val : val + test].tolist())
-            held = set(held_val) | set(held_test)
-            training = [c for c in range(len(pool.classes)) if counts[c] > 0 and c not in held]
-            self._class_splits = training, held_val, held_test
+            self._class_splits = splits.by_class(
+                targets(pool), len(pool.classes), hp.val_size, test_size, hp.split_seed
+            )
         return self._class_splits
 
     def setup(self, stage: str | None = None) -> None:
@@ -262,9 +251,7 @@ class ImageDataModule(L.LightningDataModule):
                 self._splits = [full, self._select(pool, held_val), test]
             else:
                 test_size = 0 if self._has_test_set() else hp.test_size
-                val, test = sets.split_sizes(len(full), hp.val_size, test_size)
-                generator = torch.Generator().manual_seed(hp.split_seed)
-                self._splits = random_split(full, [len(full) - val - test, val, test], generator=generator)
+                self._splits = splits.by_sample(full, hp.val_size, test_size, hp.split_seed)
         return self._splits
 
     def train_seed(self) -> int:

@@ -74,29 +74,6 @@ def load(name: str, root: Path, train: bool, shape: tuple[int, int, int], num_cl
     return dataset
 
 
-def is_size(value: Any) -> bool:
-    """A split size: a count ≥ 1, or a fraction of the pool in (0, 1)."""
-    return (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
-        isinstance(value, float) and 0 < value < 1
-    )
-
-
-def split_sizes(n: int, val_size: int | float, test_size: int | float | None, unit: str = "images") -> tuple[int, int]:
-    """Validation and held-out test counts out of a pool of n (images, or classes for by_class splits): counts, or
-    fractions rounded (at least 1). Test 0: the set has its own test set; None: as val_size."""
-    val, test = (size if isinstance(size, int) else max(1, round(size * n)) for size in (val_size, test_size or 0))
-    test = val if test_size is None else test
-    if test and val + test >= n:
-        raise DataError(
-            f"data.val_size={val_size} and data.test_size={test_size} (null: val_size) leave no training data; "
-            f"allowed: together fewer than the {n} {unit}"
-        )
-    if val >= n:
-        of = "" if unit == "images" else f" ({unit})"
-        raise DataError(f"data.val_size={val_size} leaves no training data; allowed: 1 ≤ val_size < {n}{of}")
-    return val, test
-
-
 def check_labels(dataset: Dataset, num_classes: int, what: str) -> None:
     """Every label in [0, num_classes), checked once when the data is set up: the heads skip that check on
     accelerators, where it would cost a device synchronisation per step (heads.py)."""
