@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from arcface_lightning.checks import BadValue
@@ -26,6 +27,7 @@ from arcface_lightning.config import (
     root_cause,
 )
 from arcface_lightning.data import ImageDataModule
+from arcface_lightning.data.streaming import StreamingDataModule
 from arcface_lightning.module import ArcFaceModule
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.runs import check_ckpt_path, final_metrics, run, start
@@ -39,7 +41,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     try:  # model and data settings (dataset, normalisation, split) both come from the checkpoint
         model = ArcFaceModule.load_from_checkpoint(ckpt_path, map_location="cpu")
         given = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
-        datamodule = ImageDataModule.load_from_checkpoint(ckpt_path, **given)  # null: the checkpoint's value
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
+        data_class = StreamingDataModule if saved.get("dataset") == "streaming" else ImageDataModule
+        datamodule = data_class.load_from_checkpoint(ckpt_path, **given)  # null: the checkpoint's value
     except Exception as error:  # a bad data.* value from the command line, or not a checkpoint of this model
         if isinstance(root_cause(error), BadValue):
             raise named_error(cfg, "data", error) from error

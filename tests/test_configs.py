@@ -14,7 +14,7 @@ from torchvision.io import write_png
 
 from arcface_lightning.config import native_bf16_precision
 from arcface_lightning.train import build
-from conftest import CONF, compose_config
+from conftest import CONF, cli, compose_config
 
 OPTIONS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
@@ -23,7 +23,7 @@ OPTIONS = {
 
 
 def test_option_lists_are_what_the_readme_promises() -> None:
-    assert OPTIONS["data"] == ["cifar10", "fashion_mnist", "image_folder", "image_list", "kmnist", "mnist"]
+    assert OPTIONS["data"] == ["cifar10", "fashion_mnist", "image_folder", "image_list", "kmnist", "mnist", "streaming"]
     assert OPTIONS["head"] == ["arcface", "combined", "cosface", "softmax", "sphereface"]
     assert OPTIONS["trainer"] == ["cpu", "ddp", "ddp_cpu", "ddp_multinode", "default", "gpu"]
 
@@ -31,21 +31,32 @@ def test_option_lists_are_what_the_readme_promises() -> None:
 MODEL_AND_DATA = list(itertools.product(OPTIONS["data"], OPTIONS["backbone"], OPTIONS["head"]))
 
 
+def write_images(root: Path) -> Path:
+    """Three classes of four RGB images as a folder, and the same as a CSV list (list.csv)."""
+    for i in range(12):
+        (root / f"class_{i % 3}").mkdir(parents=True, exist_ok=True)
+        write_png(torch.full((3, 120, 100), 20 * i, dtype=torch.uint8), str(root / f"class_{i % 3}/{i}.png"))
+    (root / "list.csv").write_text("\n".join(f"class_{i % 3}/{i}.png,{i % 3}" for i in range(12)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def own_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """data.root for each of a user's sources: an image folder, a CSV list, a packed set of the folder."""
+    root = write_images(tmp_path_factory.mktemp("own") / "images")
+    packed = root.parent / "packed"
+    result = cli("pack", str(root), str(packed), "--val-size", "2", "--workers", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {"image_folder": root, "image_list": root / "list.csv", "streaming": packed}
+
+
 @pytest.mark.parametrize("data, backbone, head", MODEL_AND_DATA)
-def test_every_combination_composes_and_builds(data: str, backbone: str, head: str, tmp_path) -> None:
+def test_every_combination_composes_and_builds(data: str, backbone: str, head: str, tmp_path, own_data) -> None:
     """Every data × backbone × head choice on top of the default experiment (whose own settings must suit them
     all); the trainer presets are independent of these and are instantiated on their own below."""
     overrides = [f"data={data}", f"backbone={backbone}", f"head={head}", "trainer=cpu"]
-    if data.startswith("image_"):  # a user's images: three classes of two RGB images, as a folder and a list
-        for i in range(6):
-            (tmp_path / "images" / f"class_{i % 3}").mkdir(parents=True, exist_ok=True)
-            write_png(
-                torch.full((3, 120, 100), 40 * i, dtype=torch.uint8),
-                str(tmp_path / "images" / f"class_{i % 3}/{i}.png"),
-            )
-        rows = [f"class_{i % 3}/{i}.png,{i % 3}" for i in range(6)]
-        (tmp_path / "images" / "list.csv").write_text("\n".join(rows))
-        overrides.append(f"data.root={tmp_path / 'images' / ('list.csv' if data == 'image_list' else '')}")
+    if data in own_data:  # a user's data: three classes
+        overrides.append(f"data.root={own_data[data]}")
     cfg = compose_config(*overrides, f"paths.output_dir={tmp_path}")
     datamodule, model, lightning_trainer = build(cfg)
     assert isinstance(lightning_trainer, L.Trainer) and datamodule.hparams.dataset == cfg.data.dataset

@@ -46,6 +46,7 @@ from arcface_lightning.data.tensors import TensorImages, ready_batch, targets
 
 PIPELINES = ("tensor", "torchvision")
 IMAGE_SOURCES = {"image_folder": scan_folder, "image_list": read_list}  # data.root: a folder, or a CSV list
+OWN_SOURCES = (*IMAGE_SOURCES, "streaming")  # a user's data under data.root (streaming: data/streaming.py)
 CACHES = ("none", "memory")
 VAL_SPLITS = ("by_sample", "by_class")
 
@@ -104,7 +105,7 @@ class ImageDataModule(L.LightningDataModule):
         checkpoints), folded into it with a warning."""
         super().__init__()
         owner = type(self).__name__
-        check_choice(owner, "dataset", dataset, [*sets.DATASETS, *IMAGE_SOURCES])
+        check_choice(owner, "dataset", dataset, [*sets.DATASETS, *OWN_SOURCES])
         check_choice(owner, "pipeline", pipeline, PIPELINES)
         check_choice(owner, "cache", cache, CACHES)
         check_choice(owner, "val_split", val_split, VAL_SPLITS)
@@ -112,8 +113,9 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(
                 "data.val_split=by_class holds out classes itself; it takes no data.train_classes/open_classes"
             )
-        if dataset in IMAGE_SOURCES:
-            require(owner, "root", root, f"the path of a {'folder' if dataset == 'image_folder' else 'CSV file'}", bool)
+        if dataset in OWN_SOURCES:
+            what = {"image_folder": "a folder", "image_list": "a CSV file", "streaming": "a packed set"}[dataset]
+            require(owner, "root", root, f"the path of {what}", bool)
             if pipeline != "tensor":
                 raise ValueError(f"data.pipeline={pipeline} reads torchvision's sets; {dataset} uses pipeline=tensor")
         legacy = {"degrees": degrees, "translate": translate, "scale": scale, "crop_padding": crop_padding}
@@ -172,7 +174,7 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def folder(self) -> Path:
         """Where the files are: a torchvision set's folder under data_dir (MNIST: <data_dir>/MNIST/raw), or root."""
-        if self.hparams.dataset in IMAGE_SOURCES:
+        if self.hparams.dataset in OWN_SOURCES:
             return Path(self.hparams.root).expanduser()
         return sets.folder(self.root, self.hparams.dataset)
 

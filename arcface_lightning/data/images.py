@@ -131,11 +131,20 @@ def match_classes(index: ImageIndex, classes: list[str], where: str) -> ImageInd
 
 def read_image(path: str, in_channels: int, image_size: int) -> torch.Tensor:
     """One file → uint8 (in_channels, image_size, image_size): decoded, converted, resized, centre-cropped."""
+    try:
+        data = read_file(path)
+    except Exception as error:
+        raise DataError(f"unreadable image {path}: {first_line(error)}") from error
+    return decode(data, in_channels, image_size, path)
+
+
+def decode(data: torch.Tensor, in_channels: int, image_size: int, name: str) -> torch.Tensor:
+    """Encoded image bytes (uint8 1-D) → uint8 (in_channels, image_size, image_size). `name` is for the error."""
     mode = ImageReadMode.GRAY if in_channels == 1 else ImageReadMode.RGB
     try:
-        image = decode_image(read_file(path), mode=mode)
-    except Exception as error:  # torchvision raises RuntimeError for corrupt data, others for unreadable files
-        raise DataError(f"unreadable image {path}: {first_line(error)}") from error
+        image = decode_image(data, mode=mode)
+    except Exception as error:  # torchvision raises RuntimeError for corrupt data
+        raise DataError(f"unreadable image {name}: {first_line(error)}") from error
     if image.ndim == 4:  # an animated GIF: its first frame
         image = image[0]
     if image.dtype != torch.uint8:  # 16-bit PNGs

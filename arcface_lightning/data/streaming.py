@@ -1,0 +1,170 @@
+"""Sets larger than memory: a packed set (python -m arcface_lightning.pack) streamed with LitData.
+
+A packed set is a folder: `train/`, `val/`, `test/`, each a LitData optimised set (index.json + chunk-*.bin) of
+samples `{"image": <the original encoded file>, "label": int}`, and `arcface.json`, this project's manifest
+(format version, sample counts, class names, how it was split). Why LitData (not WebDataset): it is Lightning's
+own; its `StreamingDataset` reads local folders in place through memory maps (nothing is copied, resident memory
+does not grow with the set) and object stores through a bounded cache; it shards by DDP rank itself, and its
+`StreamingDataLoader` has a `state_dict` that Lightning stores in checkpoints, so a resumed run continues mid-epoch
+where it stopped. WebDataset's tar shards give no random access (the validation and test splits here use it),
+no exact mid-epoch resume, and leave rank sharding and epoch sizes to the user.
+
+- Training (`StreamingDataModule.train_dataloader`): `StreamingDataset(shuffle=True, seed=shuffle seed)`: chunks
+  in a seeded random order, then samples within a window of them, a new order each epoch. Under DDP each rank
+  reads its own share of the chunks; LitData then drops the remainder so that every rank makes the same number of
+  steps: fewer than world_size × batch_size samples per epoch, nothing in one process. Which ones changes with the
+  chunk order each epoch when every rank reads several chunks (with one or two chunks per rank the same few can be
+  left out every epoch: pack small sets with a smaller --chunk-bytes). `pack` shuffles the samples before writing,
+  so that a chunk mixes classes.
+- Validation and test: the same files read by index (`PackedImages`), through the loaders every other source uses.
+- Decoding (torchvision.io) runs in the loader's workers; batches are uint8 and are normalised and augmented on the
+  device as for every source (datamodule.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from arcface_lightning.data.datamodule import ImageDataModule
+from arcface_lightning.data.datasets import DataError
+from arcface_lightning.data.images import decode
+
+# LitData asks PyPI for a newer release of itself whenever a dataset is built (30 s timeout): not on clusters
+# without network, nor in every loader worker. Read when litdata is first imported, which happens below, lazily.
+os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
+
+FORMAT, VERSION = "arcface-lightning packed set", 1
+SPLITS = ("train", "val", "test")
+
+
+def read_manifest(root: Path, key: str = "data.root") -> dict[str, Any]:
+    """arcface.json of a packed set, checked against its files: one line says what is wrong."""
+    path = root / "arcface.json"
+    if not path.is_file():
+        raise DataError(
+            f"{key}={root} is not a packed set (no arcface.json); make one with "
+            f"python -m arcface_lightning.pack <image folder or list> {root}"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise DataError(
+            f"{key}={root} was packed as format {manifest.get('format')!r} version {manifest.get('version')}; "
+            f"this code reads version {VERSION}: pack the images again"
+        )
+    for split in SPLITS:
+        check_chunks(root / split, manifest["samples"][split], key)
+    return manifest
+
+
+def check_chunks(folder: Path, samples: int, key: str) -> None:
+    """LitData's index against the manifest and the chunk files on disk (a missing or truncated chunk would
+    otherwise only fail when an epoch reaches it)."""
+    index_path = folder / "index.json"
+    if not index_path.is_file():
+        raise DataError(f"{key}: {index_path} is missing; the packed set is incomplete: pack the images again")
+    chunks = json.loads(index_path.read_text())["chunks"]
+    found = sum(chunk["chunk_size"] for chunk in chunks)
+    if found != samples:
+        raise DataError(f"{key}: {folder} holds {found} samples, arcface.json says {samples}: pack the images again")
+    for chunk in chunks:
+        file = folder / chunk["filename"]
+        if not file.is_file() or file.stat().st_size != chunk["chunk_bytes"]:
+            raise DataError(f"{key}: {file} is missing or truncated: pack the images again")
+
+
+class Decode:
+    """A packed sample → (uint8 (C, H, W), label); picklable, for loader workers."""
+
+    def __init__(self, in_channels: int, image_size: int) -> None:
+        self.in_channels, self.image_size = in_channels, image_size
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        data = torch.frombuffer(bytearray(sample["image"]), dtype=torch.uint8)
+        return decode(data, self.in_channels, self.image_size, f"packed sample of label {sample['label']}"), int(
+            sample["label"]
+        )
+
+
+class PackedImages(Dataset):
+    """One split of a packed set, read by index (validation and test: samplers, DDP padding as for any set)."""
+
+    def __init__(self, folder: Path, in_channels: int, image_size: int, classes: list[str]) -> None:
+        from litdata import StreamingDataset
+
+        self.stream = StreamingDataset(str(folder), transform=Decode(in_channels, image_size))
+        self.classes = classes
+        self.target_transform = None
+        self.targets = torch.tensor([], dtype=torch.long)  # not read here: held-out labels need no range check
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.stream[i]
+
+
+class StreamingDataModule(ImageDataModule):
+    """`data=streaming data.root=<packed set>`: training streamed by LitData, validation and test read by index.
+    The splits were made when packing (arcface_lightning.pack), so the split keys do not apply here."""
+
+    def __init__(self, root: str, **settings: Any) -> None:
+        super().__init__(**{**settings, "dataset": "streaming", "root": root})
+        self.manifest: dict[str, Any] | None = None
+
+    def _read(self) -> dict[str, Any]:
+        if self.manifest is None:
+            self.manifest = read_manifest(self.folder)
+            self.classes = list(self.manifest["classes"])
+        return self.manifest
+
+    def count_classes(self) -> int:
+        if self.hparams.num_classes is None:
+            self.hparams.num_classes = len(self._read()["classes"])
+        return self.hparams.num_classes
+
+    def setup(self, stage: str | None = None) -> None:
+        hp, manifest = self.hparams, self._read()
+        self.count_classes()
+        held_out = manifest["val_split"] == "by_class"
+        if held_out != (hp.val_split == "by_class"):
+            raise DataError(
+                f"data.val_split={hp.val_split} but {self.folder} was packed with --val-split {manifest['val_split']}"
+            )
+        for split in ("val", "test"):
+            if getattr(self, f"{split}_set") is None and stage in (None, "fit", "validate", "test", "predict"):
+                folder = self.folder / split
+                setattr(self, f"{split}_set", PackedImages(folder, hp.in_channels, hp.image_size, self.classes))
+        if stage in (None, "fit") and self.seed is None:
+            self.seed = self.train_seed()
+
+    def _serve(self, split: str) -> Dataset:
+        dataset = getattr(self, f"{split}_set")
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return dataset
+
+    def train_dataloader(self) -> DataLoader:
+        """Built here, after DDP's process group exists: LitData reads the world size and rank from it."""
+        from litdata import StreamingDataLoader, StreamingDataset
+
+        hp = self.hparams
+        stream = StreamingDataset(
+            str(self.folder / "train"),
+            shuffle=True,
+            seed=self.seed,
+            transform=Decode(hp.in_channels, hp.image_size),
+        )
+        workers = hp.num_workers
+        return StreamingDataLoader(
+            stream,
+            batch_size=hp.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=hp.pin_memory,
+        )
