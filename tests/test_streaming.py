@@ -83,8 +83,8 @@ def test_one_epoch_streams_every_training_image_once_in_a_new_order_each_epoch(p
 
 EPOCH_AFTER_RESUME = (
     "lightning 2.6.6 + litdata 0.2.76: after a mid-epoch resume the loader finishes the interrupted epoch exactly, "
-    "but the epoch after it comes out empty under the Trainer (a plain loop over the restored loader gives 10, 15, "
-    "15 batches), so the run trains one epoch fewer"
+    "but the epoch after it comes out empty under the Trainer (a plain loop over the restored loader gives the "
+    "rest of the epoch, then whole epochs), so the run trains one epoch fewer"
 )
 
 
@@ -93,17 +93,18 @@ EPOCH_AFTER_RESUME = (
 )
 def test_streaming_trains_resumes_mid_epoch_exactly_and_evaluates(packed, tmp_path: Path, epochs: int) -> None:
     _, out = packed
-    args = [*STREAMING, f"data.root={out}", "data.batch_size=20", f"trainer.max_epochs={epochs}", "logger=csv"]
+    args = [*STREAMING, f"data.root={out}", "data.batch_size=10", f"trainer.max_epochs={epochs}", "logger=csv"]
     args += ["trainer.deterministic=true", "callbacks.last_checkpoint.every_n_train_steps=5", "optimizer.lr=0.01"]
     args += ["head.s=10", "head.m=0.1"]
     full = run(train, tiny_config(tmp_path, tmp_path / "full", *args))
-    assert full["status"] == "ok" and full["train/samples"] == 300 and full["test/acc"] > 0.15, full
+    learnt = full["test/acc"] > 0.3  # chance is 0.1
+    assert full["status"] == "ok" and full["train/samples"] == 300 and learnt, full
 
-    stop = ["+callbacks.stop._target_=test_streaming.StopAtStep", "+callbacks.stop.step=22"]  # after step 20's save
-    with pytest.raises(RuntimeError, match="stopped at step 22"):
+    stop = ["+callbacks.stop._target_=test_streaming.StopAtStep", "+callbacks.stop.step=42"]  # after step 40's save
+    with pytest.raises(RuntimeError, match="stopped at step 42"):
         run(train, tiny_config(tmp_path, tmp_path / "crashed", *args, *stop))
     state = torch.load(tmp_path / "crashed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["global_step"] == 20 and state["epoch"] == 1  # mid-epoch: 5 of the 15 steps of epoch 1 done
+    assert state["global_step"] == 40 and state["epoch"] == 1  # mid-epoch: 10 of the 30 steps of epoch 1 done
     resumed = run(train, tiny_config(tmp_path, tmp_path / "crashed", *args, "ckpt_path=last"))
     # the same weights to the bit: the rest of epoch 1 streamed as in the uninterrupted run (train/loss and
     # train/samples differ: an epoch's aggregates after a mid-epoch resume cover only the steps run since)
