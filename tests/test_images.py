@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
@@ -291,3 +292,21 @@ def targets_of(dataset) -> list[int]:
     from arcface_lightning.data.tensors import targets
 
     return targets(dataset).tolist()
+
+
+def test_mixed_sizes_and_channel_counts_become_one_batch_shape(tmp_path: Path) -> None:
+    """Grayscale, RGB and RGBA files of different sizes in one folder: each converted and resized, one batch."""
+    shapes = [(1, 20, 30), (3, 50, 50), (4, 64, 40), (3, 32, 32)]
+    for i, shape in enumerate(shapes):
+        (tmp_path / "mixed" / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
+        image = torch.randint(0, 256, shape, dtype=torch.uint8)
+        path = tmp_path / "mixed" / f"class_{i % 2}" / f"{i}.png"
+        if shape[0] == 4:  # torchvision writes no RGBA; matplotlib does
+            matplotlib.image.imsave(path, image.permute(1, 2, 0).numpy())
+        else:
+            write_png(image, str(path))
+    for channels in (1, 3):
+        dm = image_module(tmp_path / "mixed", in_channels=channels, image_size=32, val_size=1, test_size=1)
+        dm.setup("fit")
+        images, labels = next(iter(dm.train_dataloader()))
+        assert images.shape == (2, channels, 32, 32) and images.dtype == torch.uint8 and labels.shape == (2,)
