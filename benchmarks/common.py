@@ -22,6 +22,16 @@ def data_dir(path: str | None) -> str:
     return root
 
 
+def read_mnist(root: str, split: str = "train") -> tuple:
+    """(images (N, 28, 28) uint8, labels (N,) uint8) of MNIST's IDX files under <root>/MNIST/raw, as NumPy arrays."""
+    import numpy as np
+
+    prefix = {"train": "train", "test": "t10k"}[split]
+    raw = Path(root) / "MNIST" / "raw"
+    images = np.frombuffer((raw / f"{prefix}-images-idx3-ubyte").read_bytes()[16:], np.uint8).reshape(-1, 28, 28)
+    return images, np.frombuffer((raw / f"{prefix}-labels-idx1-ubyte").read_bytes()[8:], np.uint8)
+
+
 def run_project(*overrides: str, data: str) -> dict:
     """`python -m arcface_lightning.train <overrides>` in a fresh process; its metrics.json plus the process's own
     wall time (start to exit, imports included) as `process_s`."""

@@ -23,18 +23,15 @@ import time
 from pathlib import Path
 from statistics import mean, stdev
 
-import numpy as np
 import torch
-from common import ROOT, data_dir, machine, run_project
+from common import ROOT, data_dir, machine, read_mnist, run_project
 from torchvision.io import write_png
 
 
 def write_mnist_pngs(mnist: str, out: Path) -> dict[str, Path]:
-    raw = Path(mnist) / "MNIST" / "raw"
     paths = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = np.frombuffer((raw / f"{prefix}-images-idx3-ubyte").read_bytes()[16:], np.uint8).reshape(-1, 28, 28)
-        labels = np.frombuffer((raw / f"{prefix}-labels-idx1-ubyte").read_bytes()[8:], np.uint8)
+    for split in ("train", "test"):
+        images, labels = read_mnist(mnist, split)
         rows = []
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
             name = f"{split}/{label}/{i:05d}.png"

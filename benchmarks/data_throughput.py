@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 from statistics import median
 
-import numpy as np
 import torch
-from common import ROOT, data_dir, machine, run_project
+from common import ROOT, data_dir, machine, read_mnist, run_project
 from torchvision.io import write_png
 
 COMMON = ["experiment=seed_mnist", "trainer.limit_val_batches=0", "trainer.limit_test_batches=1", "logger=csv"]
@@ -32,10 +31,8 @@ OWN = ["data.in_channels=1", "data.image_size=28", "data.val_size=100", "callbac
 
 
 def write_digits(root: Path, mnist: str, n: int) -> Path:
-    raw = Path(mnist) / "MNIST" / "raw"
-    images = np.frombuffer((raw / "train-images-idx3-ubyte").read_bytes()[16:], np.uint8).reshape(-1, 28, 28)[:n]
-    labels = np.frombuffer((raw / "train-labels-idx1-ubyte").read_bytes()[8:], np.uint8)[:n]
-    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+    images, labels = read_mnist(mnist)
+    for i, (image, label) in enumerate(zip(images[:n], labels[:n], strict=True)):
         folder = root / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         write_png(torch.from_numpy(image.copy())[None], str(folder / f"{i:05d}.png"))

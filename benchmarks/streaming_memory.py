@@ -20,9 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from common import ROOT, data_dir, machine
+from common import ROOT, data_dir, machine, read_mnist
 from torchvision.io import write_png
 
 READ_EPOCH = """
@@ -51,9 +50,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--images", type=int, default=10000)
     args = parser.parse_args()
-    raw = Path(data_dir(args.data_dir)) / "MNIST" / "raw"
-    images = np.frombuffer((raw / "train-images-idx3-ubyte").read_bytes()[16:], np.uint8).reshape(-1, 28, 28)
-    labels = np.frombuffer((raw / "train-labels-idx1-ubyte").read_bytes()[8:], np.uint8)
+    images, labels = read_mnist(data_dir(args.data_dir))
     print(f"machine: {machine()}; date {time.strftime('%Y-%m-%d')}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="memory-"))
     try:
