@@ -51,6 +51,32 @@ def settings(
     return {**node, "scale": tuple(node["scale"])}
 
 
+class BatchPreparation:
+    """uint8 (batch, C, H, W) → float in [0, 1] → augmented (when a generator is given) → normalised, on the device
+    the batch is on. `generator(...)` gives the augmentation randomness, reseeded from (the run's shuffle seed,
+    epoch, rank) at each epoch's first batch, so a resumed run augments as an uninterrupted one."""
+
+    def __init__(self, node: Mapping[str, Any], normalize: bool, mean: Any, std: Any) -> None:
+        self.node, self.normalize, self.mean, self.std = node, normalize, list(mean), list(std)
+        self._generator: torch.Generator | None = None
+        self._key: tuple[int, torch.device] | None = None  # (epoch, device) it was seeded for
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        images = images.float().div_(255)
+        if generator is not None:
+            images = augment_batch(images, generator, self.node)
+        if self.normalize:  # torchvision's own normalize, batched: the same ops as the per-sample pipeline
+            images = transforms.functional.normalize(images, self.mean, self.std, inplace=True)
+        return images
+
+    def generator(self, device: torch.device, seed: int, epoch: int, rank: int) -> torch.Generator:
+        if self._key != (epoch, device):
+            mixed = (seed * 1_000_003 + epoch) * 1_009 + rank
+            self._generator = torch.Generator(device).manual_seed(mixed % 2**63)
+            self._key = (epoch, device)
+        return self._generator
+
+
 def augment_batch(images: torch.Tensor, generator: torch.Generator, node: Mapping[str, Any]) -> torch.Tensor:
     """A float (batch, C, H, W) batch augmented as `node` (checked by `settings`) says; unchanged for kind null."""
     if node["kind"] == "affine":

@@ -27,7 +27,6 @@ generator with (shuffle_seed, epoch, rank), so a resumed run augments exactly as
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,23 +36,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision import transforms
 
-from arcface_lightning.checks import check_choice, check_int, is_int, is_number, require
 from arcface_lightning.data import augment as augmentation
 from arcface_lightning.data import datasets as sets
 from arcface_lightning.data import images, splits
-from arcface_lightning.data.images import ImageFiles, read_list, scan_folder
+from arcface_lightning.data.settings import LEGACY_AUGMENT_KEYS, OWN_SOURCES, check_settings
 from arcface_lightning.data.tensors import TensorImages, ready_batch, targets
-
-PIPELINES = ("tensor", "torchvision")
-IMAGE_SOURCES = {"image_folder": scan_folder, "image_list": read_list}  # data.root: a folder, or a CSV list
-OWN_SOURCES = (*IMAGE_SOURCES, "streaming")  # a user's data under data.root (streaming: data/streaming.py)
-CACHES = ("none", "memory")
-VAL_SPLITS = ("by_sample", "by_class")
-
-log = logging.getLogger(__name__)
-
-
-LEGACY_AUGMENT_KEYS = ("degrees", "translate", "scale", "crop_padding")  # now data.augment.<key>
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -103,54 +90,16 @@ class ImageDataModule(L.LightningDataModule):
         `augment`: the `data.augment` node (augment.py: kind, degrees, translate, scale, crop_padding) or a kind
         alone. `degrees`, `translate`, `scale`, `crop_padding`: deprecated spellings of its keys (older configs and
         checkpoints), folded into it with a warning."""
+        given = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
-        owner = type(self).__name__
-        check_choice(owner, "dataset", dataset, [*sets.DATASETS, *OWN_SOURCES])
-        check_choice(owner, "pipeline", pipeline, PIPELINES)
-        check_choice(owner, "cache", cache, CACHES)
-        check_choice(owner, "val_split", val_split, VAL_SPLITS)
-        if val_split == "by_class" and (train_classes or open_classes):
-            raise ValueError(
-                "data.val_split=by_class holds out classes itself; it takes no data.train_classes/open_classes"
-            )
-        if dataset in OWN_SOURCES:
-            what = {"image_folder": "a folder", "image_list": "a CSV file", "streaming": "a packed set"}[dataset]
-            require(owner, "root", root, f"the path of {what}", bool)
-            if pipeline != "tensor":
-                raise ValueError(f"data.pipeline={pipeline} reads torchvision's sets; {dataset} uses pipeline=tensor")
-        legacy = {"degrees": degrees, "translate": translate, "scale": scale, "crop_padding": crop_padding}
-        augment = augmentation.settings(owner, augment, legacy)
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            check_int(owner, name, value)
-        for name, value in (("in_channels", in_channels), ("image_size", image_size)):
-            check_int(owner, name, value)
-        counted = "null (counted from the data) or an integer ≥ 1"
-        require(owner, "num_classes", num_classes, counted, lambda v: v is None or (is_int(v) and v > 0))
-        sizes = "an integer ≥ 1, or a fraction 0 < f < 1 of the training pool"
-        require(owner, "val_size", val_size, sizes, splits.is_size)
-        require(owner, "test_size", test_size, f"null (val_size) or {sizes}", lambda v: v is None or splits.is_size(v))
-        check_int(owner, "num_workers", num_workers, minimum=0)
-        check_int(owner, "split_seed", split_seed, minimum=0)
-        require(
-            owner, "shuffle_seed", shuffle_seed, "null or an integer ≥ 0", lambda v: v is None or (is_int(v) and v >= 0)
-        )
-        mean = [0.5] * in_channels if mean is None else mean
-        std = [0.5] * in_channels if std is None else std
-        if normalize:
-            sizes = f"{in_channels} numbers (one per input channel)"
-            for name, values in (("mean", mean), ("std", std)):
-                require(owner, name, values, sizes, lambda v: len(v) == in_channels and all(map(is_number, v)))
-            require(owner, "std", std, "numbers > 0", lambda v: min(v) > 0)
-        if on_device and (pipeline != "tensor" or num_workers):
-            raise ValueError("data.on_device=true needs data.pipeline=tensor and data.num_workers=0")
-        sets.check_class_split(train_classes, open_classes, num_classes)
+        augment, mean, std = check_settings(type(self).__name__, given)
         self.save_hyperparameters(ignore=LEGACY_AUGMENT_KEYS)
         self.hparams.update(augment=augment, mean=mean, std=std)  # the values in use, for checkpoints
         self.root = Path(data_dir).expanduser()
         self.transform = transforms.Compose(self._transforms(train=False))
         self.train_transform = transforms.Compose(self._transforms(train=True))
-        self._augment_generator: torch.Generator | None = None
-        self._augment_key: tuple[int, torch.device] | None = None  # (epoch, device) it was seeded for
+        # uint8 batches on the device → floats, augmented in training, normalised: dm.prepare(images[, generator])
+        self.prepare = augmentation.BatchPreparation(augment, normalize, mean, std)
         self.seed: int | None = None  # the shuffle seed in use, fixed by setup("fit") (see train_seed)
         self._tensors: dict[str, TensorImages] = {}  # tensor pipeline: split name → its uint8 copy
         self._pools: dict[bool, Dataset] = {}  # train (True) / test (False) pool, as loaded
@@ -187,7 +136,7 @@ class ImageDataModule(L.LightningDataModule):
         """num_classes, counted from the data when the config leaves it null (a user's images); fixes it."""
         hp = self.hparams
         chosen = self._training_classes()
-        if hp.dataset in IMAGE_SOURCES and self.classes is None:
+        if hp.dataset in images.SOURCES and self.classes is None:
             names = self._pool(train=True).classes
             self.classes = [names[c] for c in chosen] if chosen else list(names)
         counted = len(chosen) if chosen else None
@@ -271,7 +220,7 @@ class ImageDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         hp = self.hparams
-        if hp.pipeline != "tensor" or (hp.dataset in IMAGE_SOURCES and hp.cache == "none"):
+        if hp.pipeline != "tensor" or (hp.dataset in images.SOURCES and hp.cache == "none"):
             return dataset
         if split not in self._tensors:
             tensors = TensorImages.from_dataset(dataset, num_workers=hp.num_workers)
@@ -287,40 +236,23 @@ class ImageDataModule(L.LightningDataModule):
         images, labels = batch
         if images.dtype != torch.uint8:  # the torchvision pipeline's batches are ready
             return batch
-        training = self.trainer is not None and self.trainer.training
-        return self.prepare(images, self._generator(images.device) if training else None), labels
-
-    def prepare(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 (batch, C, H, W) → float in [0, 1] → augmented (when a generator is given) → normalised."""
-        hp = self.hparams
-        images = images.float().div_(255)
-        if generator is not None:
-            images = augmentation.augment_batch(images, generator, hp.augment)
-        if hp.normalize:  # torchvision's own normalize, batched: the same ops as the per-sample pipeline
-            images = transforms.functional.normalize(images, hp.mean, hp.std, inplace=True)
-        return images
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """Augmentation randomness, reseeded from (the run's shuffle seed, epoch, rank) at each epoch's first batch."""
-        epoch = self.trainer.current_epoch
-        if self._augment_key != (epoch, device):
-            mixed = (self.seed * 1_000_003 + epoch) * 1_009 + self.trainer.global_rank
-            self._augment_generator = torch.Generator(device).manual_seed(mixed % 2**63)
-            self._augment_key = (epoch, device)
-        return self._augment_generator
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return self.prepare(images), labels
+        generator = self.prepare.generator(images.device, self.seed, trainer.current_epoch, trainer.global_rank)
+        return self.prepare(images, generator), labels
 
     def _pool(self, train: bool) -> Dataset:
         """The training pool (train=True) or the separate test set, loaded and checked once."""
         if train not in self._pools:
             hp = self.hparams
-            if hp.dataset in IMAGE_SOURCES:
-                read = IMAGE_SOURCES[hp.dataset]
-                index = read(self.folder) if train else read(Path(hp.test_root).expanduser(), key="data.test_root")
-                if not train and hp.val_split == "by_sample":  # a closed-set test: the pool's classes, by name
-                    index = images.match_classes(index, self._pool(train=True).classes, hp.test_root)
-                for note in index.notes:
-                    log.warning("%s: %s", hp.root if train else hp.test_root, note)
-                dataset = ImageFiles(index, hp.in_channels, hp.image_size)
+            if hp.dataset in images.SOURCES:
+                where, key = (
+                    (self.folder, "data.root") if train else (Path(hp.test_root).expanduser(), "data.test_root")
+                )
+                closed_set = not train and hp.val_split == "by_sample"  # the pool's classes, matched by name
+                named = self._pool(train=True).classes if closed_set else None
+                dataset = images.load(hp.dataset, where, key, hp.in_channels, hp.image_size, named)
             else:
                 shape = (hp.in_channels, hp.image_size, hp.image_size)
                 num_classes = hp.num_classes if hp.train_classes is None else None

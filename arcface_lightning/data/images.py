@@ -117,6 +117,10 @@ def read_list(path: Path, key: str = "data.root") -> ImageIndex:
     return ImageIndex([p for p, _ in rows], [ids[label] for _, label in rows], [str(label) for label in distinct])
 
 
+# data.dataset → the reader of data.root: a folder of class folders, or a CSV list
+SOURCES = {"image_folder": scan_folder, "image_list": read_list}
+
+
 def match_classes(index: ImageIndex, classes: list[str], where: str) -> ImageIndex:
     """A test set's index with the training pool's class ids, matched by class name."""
     ids = {name: i for i, name in enumerate(classes)}
@@ -152,6 +156,19 @@ def decode(data: torch.Tensor, in_channels: int, image_size: int, name: str) -> 
     if image.shape[-2:] != (image_size, image_size):
         image = TF.center_crop(TF.resize(image, image_size, antialias=True), [image_size, image_size])
     return image
+
+
+def load(
+    source: str, where: Path, key: str, in_channels: int, image_size: int, classes: list[str] | None = None
+) -> ImageFiles:
+    """A folder or a CSV list (`source`: image_folder or image_list) as ImageFiles, what was skipped logged once.
+    `classes`: give the samples these class ids, matched by name (a test set of the training classes)."""
+    index = SOURCES[source](where, key)
+    if classes is not None:
+        index = match_classes(index, classes, str(where))
+    for note in index.notes:
+        log.warning("%s: %s", where, note)
+    return ImageFiles(index, in_channels, image_size)
 
 
 class ImageFiles(Dataset):

@@ -1,0 +1,60 @@
+"""The data module's settings (the `data.*` keys), checked before any work: a bad value raises a `BadValue` that
+names the key, the value and what is allowed (checks.py); a bad combination, a ValueError saying which keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arcface_lightning.checks import check_choice, check_int, is_int, is_number, require
+from arcface_lightning.data import augment as augmentation
+from arcface_lightning.data import datasets as sets
+from arcface_lightning.data import splits
+
+PIPELINES = ("tensor", "torchvision")
+OWN_SOURCES = {"image_folder": "a folder", "image_list": "a CSV file", "streaming": "a packed set"}  # data.root
+CACHES = ("none", "memory")
+VAL_SPLITS = ("by_sample", "by_class")
+LEGACY_AUGMENT_KEYS = ("degrees", "translate", "scale", "crop_padding")  # now data.augment.<key>
+
+
+def check_settings(owner: str, given: dict[str, Any]) -> tuple[dict[str, Any], list[float], list[float]]:
+    """Check ImageDataModule's arguments (`given`, by name); return what is completed from them: the full augment
+    node (with the deprecated flat keys folded in), and mean and std (null: 0.5 per channel)."""
+    dataset, pipeline, channels = given["dataset"], given["pipeline"], given["in_channels"]
+    check_choice(owner, "dataset", dataset, [*sets.DATASETS, *OWN_SOURCES])
+    check_choice(owner, "pipeline", pipeline, PIPELINES)
+    check_choice(owner, "cache", given["cache"], CACHES)
+    check_choice(owner, "val_split", given["val_split"], VAL_SPLITS)
+    if given["val_split"] == "by_class" and (given["train_classes"] or given["open_classes"]):
+        raise ValueError(
+            "data.val_split=by_class holds out classes itself; it takes no data.train_classes/open_classes"
+        )
+    if dataset in OWN_SOURCES:
+        require(owner, "root", given["root"], f"the path of {OWN_SOURCES[dataset]}", bool)
+        if pipeline != "tensor":
+            raise ValueError(f"data.pipeline={pipeline} reads torchvision's sets; {dataset} uses pipeline=tensor")
+    augment = augmentation.settings(owner, given["augment"], {key: given[key] for key in LEGACY_AUGMENT_KEYS})
+    for name in ("batch_size", "eval_batch_size", "in_channels", "image_size"):
+        check_int(owner, name, given[name])
+    counted = "null (counted from the data) or an integer ≥ 1"
+    require(owner, "num_classes", given["num_classes"], counted, lambda v: v is None or (is_int(v) and v > 0))
+    sizes = "an integer ≥ 1, or a fraction 0 < f < 1 of the training pool"
+    require(owner, "val_size", given["val_size"], sizes, splits.is_size)
+    require(
+        owner, "test_size", given["test_size"], f"null (val_size) or {sizes}", lambda v: v is None or splits.is_size(v)
+    )
+    check_int(owner, "num_workers", given["num_workers"], minimum=0)
+    check_int(owner, "split_seed", given["split_seed"], minimum=0)
+    seed_ok = lambda v: v is None or (is_int(v) and v >= 0)  # noqa: E731
+    require(owner, "shuffle_seed", given["shuffle_seed"], "null or an integer ≥ 0", seed_ok)
+    mean = [0.5] * channels if given["mean"] is None else given["mean"]
+    std = [0.5] * channels if given["std"] is None else given["std"]
+    if given["normalize"]:
+        per_channel = f"{channels} numbers (one per input channel)"
+        for name, values in (("mean", mean), ("std", std)):
+            require(owner, name, values, per_channel, lambda v: len(v) == channels and all(map(is_number, v)))
+        require(owner, "std", std, "numbers > 0", lambda v: min(v) > 0)
+    if given["on_device"] and (pipeline != "tensor" or given["num_workers"]):
+        raise ValueError("data.on_device=true needs data.pipeline=tensor and data.num_workers=0")
+    sets.check_class_split(given["train_classes"], given["open_classes"], given["num_classes"])
+    return augment, mean, std
