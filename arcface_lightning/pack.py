@@ -27,10 +27,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from torchvision.io import decode_image, read_file
+
 from arcface_lightning.checks import first_line
 from arcface_lightning.data.datamodule import ImageDataModule
 from arcface_lightning.data.datasets import DataError
-from arcface_lightning.data.images import read_image
 from arcface_lightning.data.streaming import FORMAT, SPLITS, VERSION
 from arcface_lightning.data.tensors import targets, unwrap
 
@@ -112,12 +113,13 @@ def encoded_sample(row: tuple[str, int, str]) -> Iterator[dict[str, Any]]:
     this in their own processes; one append per line)."""
     path, label, partial = row
     try:
-        read_image(path, in_channels=3, image_size=8)  # decodes the whole file: corrupt data fails here
-    except DataError as error:
+        data = read_file(path)
+        decode_image(data)  # the whole file: corrupt data fails here
+    except Exception as error:  # unreadable or corrupt: torchvision raises RuntimeError, the OS OSError
         with open(os.path.join(partial, "skipped.txt"), "a") as log:
-            log.write(f"{path}\t{first_line(error)}\n")
+            log.write(f"{path}\tunreadable image {path}: {first_line(error)}\n")
         return
-    yield {"image": Path(path).read_bytes(), "label": label}
+    yield {"image": data.numpy().tobytes(), "label": label}  # the bytes read once, as they are on disk
 
 
 def count_samples(folder: Path) -> int:

@@ -94,13 +94,10 @@ class Decode:
 class PackedImages(Dataset):
     """One split of a packed set, read by index (validation and test: samplers, DDP padding as for any set)."""
 
-    def __init__(self, folder: Path, in_channels: int, image_size: int, classes: list[str]) -> None:
+    def __init__(self, folder: Path, in_channels: int, image_size: int) -> None:
         from litdata import StreamingDataset
 
         self.stream = StreamingDataset(str(folder), transform=Decode(in_channels, image_size))
-        self.classes = classes
-        self.target_transform = None
-        self.targets = torch.tensor([], dtype=torch.long)  # not read here: held-out labels need no range check
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -136,10 +133,9 @@ class StreamingDataModule(ImageDataModule):
             raise DataError(
                 f"data.val_split={hp.val_split} but {self.folder} was packed with --val-split {manifest['val_split']}"
             )
-        for split in ("val", "test"):
-            if getattr(self, f"{split}_set") is None and stage in (None, "fit", "validate", "test", "predict"):
-                folder = self.folder / split
-                setattr(self, f"{split}_set", PackedImages(folder, hp.in_channels, hp.image_size, self.classes))
+        for split in ("val", "test"):  # every stage reads one of them; opening a split reads only its index
+            if getattr(self, f"{split}_set") is None:
+                setattr(self, f"{split}_set", PackedImages(self.folder / split, hp.in_channels, hp.image_size))
         if stage in (None, "fit") and self.seed is None:
             self.seed = self.train_seed()
 
