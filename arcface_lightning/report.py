@@ -6,8 +6,10 @@
 Reads each job's metrics.json and .hydra/overrides.yaml and writes into the sweep dir: summary.csv and summary.md
 (printed too), summary_seeds.csv when seeds are swept (mean ± sample std over seeds, failed jobs left out and
 counted), and heatmap.png (one heatmap_<key>=<value>.png per value of any other swept key; scatter.png when s and m
-do not form a grid, as in an Optuna search). Rows are sorted by val/acc_best: models are chosen on validation, and
-the heatmap's ★ marks the cell with the best mean val/acc_best, not the best test accuracy.
+do not form a grid, as in an Optuna search). Rows are sorted by the metric that selected each run's checkpoint:
+models are chosen on validation, and the heatmap's ★ marks the cell with the best mean of it, not the best test
+score. That is val/acc_best, scored by test/acc; for sweeps with data.val_split=by_class (no closed-set accuracy on
+held-out identities) val/precision_at_1_best, scored by test/precision_at_1 (see REPORTED).
 SweepReportCallback writes the report when a multirun ends.
 """
 
@@ -30,7 +32,11 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-METRICS = ("val/acc_best", "test/acc", "test/acc_margin")
+# (selects, scores, also shown) per val_split: the selection metric is metrics.SELECTION's, with its _best
+REPORTED = {
+    "by_sample": ("val/acc_best", "test/acc", "test/acc_margin"),
+    "by_class": ("val/precision_at_1_best", "test/precision_at_1", "test/map_at_r"),
+}
 S, M, SEED = "head.s", "head.m", "seed"
 Row = dict[str, Any]
 
@@ -71,11 +77,18 @@ def swept_keys(rows: list[Row]) -> list[str]:
     return [k for k in keys if len({repr(row.get(k)) for row in rows}) > 1]
 
 
-def sort_best_first(rows: list[Row]) -> list[Row]:
-    return sorted(rows, key=lambda r: (r.get("status") != "ok", -(r.get("val/acc_best") or 0.0)))
+def reported(rows: list[Row]) -> tuple[str, str, str]:
+    """The by_class metrics when the finished runs selected on them, else the closed-set ones."""
+    finished = [r for r in rows if r.get("status") == "ok"]
+    by_class = finished and all("val/acc_best" not in r and REPORTED["by_class"][0] in r for r in finished)
+    return REPORTED["by_class" if by_class else "by_sample"]
 
 
-def aggregate(rows: list[Row], keys: list[str]) -> list[Row]:
+def sort_best_first(rows: list[Row], select: str) -> list[Row]:
+    return sorted(rows, key=lambda r: (r.get("status") != "ok", -(r.get(select) or 0.0)))
+
+
+def aggregate(rows: list[Row], keys: list[str], metrics: tuple[str, ...]) -> list[Row]:
     """Mean and sample std over seeds of each metric, per point of the other swept keys (ok jobs only)."""
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
@@ -85,12 +98,12 @@ def aggregate(rows: list[Row], keys: list[str]) -> list[Row]:
         ok = [r for r in members if r.get("status") == "ok"]
         entry: Row = dict(zip(keys, point, strict=True))
         entry.update(n=len(ok), failed=len(members) - len(ok))
-        for metric in METRICS:
+        for metric in metrics:
             values = [r[metric] for r in ok if r.get(metric) is not None]
             entry[f"{metric} mean"] = statistics.fmean(values) if values else math.nan
             entry[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else math.nan
         table.append(entry)
-    return sorted(table, key=lambda e: -e["val/acc_best mean"] if e["n"] else math.inf)
+    return sorted(table, key=lambda e: -e[f"{metrics[0]} mean"] if e["n"] else math.inf)
 
 
 def show(value: Any, column: str = "") -> str:
@@ -119,12 +132,12 @@ def write_csv(path: Path, rows: list[Row], columns: list[str]) -> None:
         )
 
 
-def cell_label(entry: Row | None, rows_at_cell: list[Row]) -> str:
+def cell_label(entry: Row | None, rows_at_cell: list[Row], score: str) -> str:
     if entry is None or entry["n"] == 0:
         return "\n".join(sorted({r.get("status", "failed") for r in rows_at_cell})) or "—"
-    text = f"{entry['test/acc mean']:.4f}"
+    text = f"{entry[f'{score} mean']:.4f}"
     if entry["n"] > 1:
-        text += f"\n±{entry['test/acc std']:.4f}"
+        text += f"\n±{entry[f'{score} std']:.4f}"
     return text + (f"\n{entry['failed']} failed" if entry["failed"] else "")
 
 
@@ -138,28 +151,29 @@ def pyplot() -> Any:
     return plt
 
 
-def plot_grid(path: Path, rows: list[Row], title: str) -> None:
-    """test/acc over s (rows) × m (columns): mean over seeds, ± std in each cell, ★ = best mean val/acc_best."""
+def plot_grid(path: Path, rows: list[Row], title: str, metrics: tuple[str, str, str]) -> None:
+    """The test score over s (rows) × m (columns): mean over seeds, ± std in each cell, ★ = best mean selection."""
     plt = pyplot()
+    select, score, _ = metrics
 
     s_values = sorted({r[S] for r in rows})
     m_values = sorted({r[M] for r in rows})
-    cells = {(e[S], e[M]): e for e in aggregate(rows, [S, M])}
+    cells = {(e[S], e[M]): e for e in aggregate(rows, [S, M], metrics)}
     grid = np.full((len(s_values), len(m_values)), np.nan)
     for (i, s), (j, m) in itertools.product(enumerate(s_values), enumerate(m_values)):
         if (s, m) in cells and cells[(s, m)]["n"]:
-            grid[i, j] = cells[(s, m)]["test/acc mean"]
+            grid[i, j] = cells[(s, m)][f"{score} mean"]
     scored = [e for e in cells.values() if e["n"]]
-    best = max(scored, key=lambda e: e["val/acc_best mean"]) if scored else None
+    best = max(scored, key=lambda e: e[f"{select} mean"]) if scored else None
 
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(m_values), 1.2 + 0.9 * len(s_values)), dpi=110)
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax, label="test/acc")
+    fig.colorbar(image, ax=ax, label=score)
     finite = grid[np.isfinite(grid)]
     middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
     for (i, s), (j, m) in itertools.product(enumerate(s_values), enumerate(m_values)):
         at_cell = [r for r in rows if r[S] == s and r[M] == m]
-        label = cell_label(cells.get((s, m)), at_cell)
+        label = cell_label(cells.get((s, m)), at_cell, score)
         color = "black" if np.isfinite(grid[i, j]) and grid[i, j] > middle else "white"
         if not np.isfinite(grid[i, j]):
             color = "dimgray"
@@ -177,20 +191,21 @@ def plot_grid(path: Path, rows: list[Row], title: str) -> None:
     plt.close(fig)
 
 
-def plot_scatter(path: Path, rows: list[Row], title: str) -> None:
-    """For s, m that do not form a grid (Optuna): each job a point at (s, m), coloured by test/acc."""
+def plot_scatter(path: Path, rows: list[Row], title: str, metrics: tuple[str, str, str]) -> None:
+    """For s, m that do not form a grid (Optuna): each job a point at (s, m), coloured by its test score."""
     plt = pyplot()
+    score = metrics[1]
 
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("test/acc") is not None]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get(score) is not None]
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
-    points = ax.scatter([r[S] for r in ok], [r[M] for r in ok], c=[r["test/acc"] for r in ok], cmap="viridis")
+    points = ax.scatter([r[S] for r in ok], [r[M] for r in ok], c=[r[score] for r in ok], cmap="viridis")
     for r in ok:
-        ax.annotate(f"{r['test/acc']:.4f}", (r[S], r[M]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(f"{r[score]:.4f}", (r[S], r[M]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     failed = [r for r in rows if r.get("status") != "ok"]
     ax.scatter([r[S] for r in failed], [r[M] for r in failed], marker="x", color="red", label="failed / diverged")
     if failed:
         ax.legend(fontsize=8)
-    fig.colorbar(points, ax=ax, label="test/acc")
+    fig.colorbar(points, ax=ax, label=score)
     ax.set_xscale("log")
     ax.set_xlabel("scale s (head.s)")
     ax.set_ylabel("margin m (head.m)")
@@ -200,7 +215,7 @@ def plot_scatter(path: Path, rows: list[Row], title: str) -> None:
     plt.close(fig)
 
 
-def figures(sweep_dir: Path, rows: list[Row], keys: list[str]) -> list[Path]:
+def figures(sweep_dir: Path, rows: list[Row], keys: list[str], metrics: tuple[str, str, str]) -> list[Path]:
     """One s × m figure per combination of the other swept keys (seeds are averaged within a figure)."""
     if S not in keys or M not in keys:
         print(f"no heatmap: it needs {S} and {M} both swept (swept: {', '.join(keys) or 'nothing'})")
@@ -211,10 +226,11 @@ def figures(sweep_dir: Path, rows: list[Row], keys: list[str]) -> list[Path]:
         subset = [r for r in rows if tuple(r.get(k) for k in others) == point]
         suffix = ",".join(f"{k}={v}" for k, v in zip(others, point, strict=True))
         seeds = len({r.get(SEED) for r in subset})
-        title = f"test/acc, mean over {seeds} seed(s){' — ' + suffix if suffix else ''}\n★ = best mean val/acc_best"
+        title = f"{metrics[1]}, mean over {seeds} seed(s){' — ' + suffix if suffix else ''}"
+        title += f"\n★ = best mean {metrics[0]}"
         is_grid = len({(r[S], r[M]) for r in subset}) == len({r[S] for r in subset}) * len({r[M] for r in subset})
         name = ("heatmap" if is_grid else "scatter") + (f"_{suffix}" if suffix else "") + ".png"
-        (plot_grid if is_grid else plot_scatter)(sweep_dir / name, subset, title)
+        (plot_grid if is_grid else plot_scatter)(sweep_dir / name, subset, title, metrics)
         written.append(sweep_dir / name)
     return written
 
@@ -227,21 +243,21 @@ def write_report(sweep_dir: Path) -> dict[str, Any]:
         raise SystemExit(f"error: {sweep_dir} is not a sweep dir: no <job>/.hydra/overrides.yaml in it")
     if not any(r["finished"] for r in rows):
         raise SystemExit(f"error: {sweep_dir} has no finished jobs: no <job>/metrics.json in it")
-    keys = swept_keys(rows)
-    columns = ["job", *[k for k in keys if k != SEED], SEED, *METRICS, "epochs", "wall_time_s", "status", "error"]
-    rows = sort_best_first(rows)
+    keys, metrics = swept_keys(rows), reported(rows)
+    columns = ["job", *[k for k in keys if k != SEED], SEED, *metrics, "epochs", "wall_time_s", "status", "error"]
+    rows = sort_best_first(rows, metrics[0])
     write_csv(sweep_dir / "summary.csv", rows, columns)
-    text = f"# Sweep {sweep_dir}\n\n{len(rows)} jobs, sorted by val/acc_best.\n\n{markdown(rows, columns)}\n"
+    text = f"# Sweep {sweep_dir}\n\n{len(rows)} jobs, sorted by {metrics[0]}.\n\n{markdown(rows, columns)}\n"
     seeds_table = None
     if SEED in keys:
         group_keys = [k for k in keys if k != SEED]
-        seeds_table = aggregate(rows, group_keys)
-        seed_columns = [*group_keys, "n", "failed", *[f"{m} {stat}" for m in METRICS for stat in ("mean", "std")]]
+        seeds_table = aggregate(rows, group_keys, metrics)
+        seed_columns = [*group_keys, "n", "failed", *[f"{m} {stat}" for m in metrics for stat in ("mean", "std")]]
         write_csv(sweep_dir / "summary_seeds.csv", seeds_table, seed_columns)
         text += f"\n## Over seeds (mean, sample std)\n\n{markdown(seeds_table, seed_columns)}\n"
     (sweep_dir / "summary.md").write_text(text)
     print(text)
-    written = figures(sweep_dir, rows, keys)
+    written = figures(sweep_dir, rows, keys, metrics)
     for path in written:
         print(f"figure: {path}")
     return {"rows": rows, "swept": keys, "seeds": seeds_table, "figures": written}

@@ -81,18 +81,10 @@ def test_one_epoch_streams_every_training_image_once_in_a_new_order_each_epoch(p
     assert sorted(set(epochs[0][1])) == list(range(10))
 
 
-EPOCH_AFTER_RESUME = (
-    "lightning 2.6.6 + litdata 0.2.76: after a mid-epoch resume the loader finishes the interrupted epoch exactly, "
-    "but the epoch after it comes out empty under the Trainer (a plain loop over the restored loader gives the "
-    "rest of the epoch, then whole epochs), so the run trains one epoch fewer"
-)
-
-
-@pytest.mark.parametrize(
-    "epochs", [2, pytest.param(3, marks=pytest.mark.xfail(strict=True, reason=EPOCH_AFTER_RESUME))]
-)
-def test_streaming_trains_resumes_mid_epoch_exactly_and_evaluates(packed, tmp_path: Path, epochs: int) -> None:
+def test_streaming_trains_resumes_mid_epoch_exactly_and_evaluates(packed, tmp_path: Path) -> None:
+    """Three epochs, a crash in the second: the rest of it, then a whole third epoch (resumable_loader)."""
     _, out = packed
+    epochs = 3
     args = [*STREAMING, f"data.root={out}", "data.batch_size=10", f"trainer.max_epochs={epochs}", "logger=csv"]
     args += ["trainer.deterministic=true", "callbacks.last_checkpoint.every_n_train_steps=5", "optimizer.lr=0.01"]
     args += ["head.s=10", "head.m=0.1"]

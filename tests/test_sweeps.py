@@ -154,6 +154,24 @@ def test_seeds_are_aggregated_with_mean_and_sample_std(tmp_path: Path) -> None:
     assert (sweep / "heatmap.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_a_by_class_sweep_is_ranked_and_drawn_by_retrieval_not_closed_set_accuracy(tmp_path: Path) -> None:
+    """Runs with data.val_split=by_class select on val/precision_at_1 and have no test/acc: the report follows."""
+    sweep = tmp_path / "sweep"
+    points = {(8, 0.1): (0.70, 0.66), (8, 0.3): (0.80, 0.71), (16, 0.1): (0.75, 0.79), (16, 0.3): (0.60, 0.55)}
+    for job, ((s, m), (val_p1, test_p1)) in enumerate(points.items()):
+        job_dir = sweep / str(job)
+        (job_dir / ".hydra").mkdir(parents=True)
+        (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"head.s={s}", f"head.m={m}"]))
+        record = {"status": "ok", "val/precision_at_1_best": val_p1, "test/precision_at_1": test_p1}
+        (job_dir / "metrics.json").write_text(json.dumps({**record, "test/map_at_r": test_p1 / 2}))
+    report = write_report(sweep)
+    rows = summary(sweep)
+    assert [float(r["val/precision_at_1_best"]) for r in rows] == [0.80, 0.75, 0.70, 0.60]  # best first
+    assert "test/acc" not in rows[0] and float(rows[0]["test/precision_at_1"]) == 0.71
+    assert (sweep / "summary.md").read_text().count("sorted by val/precision_at_1_best") == 1
+    assert [p.name for p in report["figures"]] == ["heatmap.png"]
+
+
 def test_other_swept_keys_get_one_heatmap_per_value(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     for job, (s, m, size) in enumerate(

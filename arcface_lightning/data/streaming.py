@@ -23,6 +23,7 @@ no exact mid-epoch resume, and leave rank sharding and epoch sizes to the user.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -106,6 +107,25 @@ class PackedImages(Dataset):
         return self.stream[i]
 
 
+@functools.cache
+def resumable_loader() -> type:
+    """LitData's `StreamingDataLoader`, fixed for the epoch after a mid-epoch resume under Lightning.
+
+    After `load_state_dict` the loader sets `restore` and clears it only when an epoch's generator runs to its end.
+    Lightning stops taking batches once it has the epoch's count and never runs it to the end, so the next epoch
+    would resume again from the saved position (the end of the epoch) and come out empty (lightning 2.6.6, litdata
+    0.2.76). A restore whose epoch was already consumed is over: the next epoch starts afresh."""
+    from litdata import StreamingDataLoader
+
+    class ResumableStreamingDataLoader(StreamingDataLoader):
+        def __iter__(self) -> Any:
+            if self.restore and self._num_samples_yielded_streaming >= len(self) * self.batch_size:
+                self.restore = False
+            return super().__iter__()
+
+    return ResumableStreamingDataLoader
+
+
 class StreamingDataModule(ImageDataModule):
     """`data=streaming data.root=<packed set>`: training streamed by LitData, validation and test read by index.
     The splits were made when packing (arcface_lightning.pack), so the split keys do not apply here."""
@@ -147,7 +167,7 @@ class StreamingDataModule(ImageDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Built here, after DDP's process group exists: LitData reads the world size and rank from it."""
-        from litdata import StreamingDataLoader, StreamingDataset
+        from litdata import StreamingDataset
 
         hp = self.hparams
         stream = StreamingDataset(
@@ -157,7 +177,7 @@ class StreamingDataModule(ImageDataModule):
             transform=Decode(hp.in_channels, hp.image_size),
         )
         workers = hp.num_workers
-        return StreamingDataLoader(
+        return resumable_loader()(
             stream,
             batch_size=hp.batch_size,
             num_workers=workers,
