@@ -17,7 +17,8 @@ from arcface_lightning.data.images import ImageFiles
 from arcface_lightning.data.pairs import PairList, read_pairs
 from arcface_lightning.figures import angle_figure, class_angles, sphere_figure
 from arcface_lightning.heads import normalize
-from arcface_lightning.metrics import pair_metrics
+from arcface_lightning.inference import THRESHOLDS_KEY, far_key
+from arcface_lightning.metrics import best_threshold, pair_metrics, sample_pairs, threshold_at_far
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +165,48 @@ class PairVerification(L.Callback):
         scores = (x[self.pairs.a] * x[self.pairs.b]).sum(1)
         metrics = pair_metrics(scores, self.pairs.same, self.pairs.fold)
         pl_module.log_dict({f"pairs/{name}": value for name, value in metrics.items()}, add_dataloader_idx=False)
+
+
+class VerificationThresholds(L.Callback):
+    """Cosine thresholds for `verify`, chosen on the validation images at each validation epoch and saved in every
+    checkpoint written after it (under `verification_thresholds`), so the best checkpoint carries the thresholds of
+    its own epoch: `far=1e-3` (accepts at most 0.1% of different-identity pairs), one per entry of `fars`, and
+    `best_accuracy` (the highest pair accuracy). Pairs: all pairs of validation embeddings, or a seeded balanced
+    sample of `max_pairs` (metrics.sample_pairs); a FAR needs at least 1/FAR different-class pairs, else it is left
+    out with a warning. Validation embeddings are gathered from every rank (equal shares: Lightning's distributed
+    sampler pads them), so every rank computes the same thresholds."""
+
+    def __init__(self, fars: tuple[float, ...] = (1e-3, 1e-4), max_pairs: int = 200_000) -> None:
+        check_int(type(self).__name__, "max_pairs", max_pairs, minimum=2)
+        self.fars, self.max_pairs = tuple(float(f) for f in fars), max_pairs
+        self.thresholds: dict[str, float] = {}
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._val.append((outputs["embeddings"].detach(), outputs["labels"]))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        batches, self._val = self._val, []
+        if not batches:
+            return
+        embeddings, labels = (torch.cat(parts) for parts in zip(*batches, strict=True))
+        if trainer.world_size > 1:
+            embeddings, labels = (pl_module.all_gather(t).flatten(0, 1) for t in (embeddings, labels))
+        x, labels = normalize(embeddings.float()).cpu(), labels.cpu()
+        i, j = sample_pairs(labels, self.max_pairs)
+        scores, same = (x[i] * x[j]).sum(1), labels[i] == labels[j]
+        if same.all() or not same.any():
+            log.warning("verification thresholds not chosen: validation pairs need both same and different classes")
+            return
+        thresholds = {"best_accuracy": best_threshold(scores, same)}
+        for far in self.fars:
+            try:
+                thresholds[far_key(far)] = threshold_at_far(scores, same, far)
+            except ValueError as error:
+                log.warning("verification threshold not chosen: %s", error)
+        self.thresholds = thresholds
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self.thresholds:
+            checkpoint[THRESHOLDS_KEY] = dict(self.thresholds)

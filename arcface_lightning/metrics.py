@@ -16,6 +16,8 @@ Memory stays bounded: similarities are computed `chunk_size` queries at a time (
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
@@ -86,6 +88,17 @@ def best_threshold(scores: torch.Tensor, same: torch.Tensor) -> float:
     if k == 0:
         return float(s[0]) + 1e-6
     return float(s[k - 1]) if k == len(s) else float((s[k - 1] + s[k]) / 2)
+
+
+def threshold_at_far(scores: torch.Tensor, same: torch.Tensor, far: float) -> float:
+    """The lowest cosine threshold (accept score ≥ t) that accepts at most a fraction `far` of the different-class
+    pairs: just above the (⌊far · negatives⌋ + 1)-th highest negative score. Needs at least 1/far negatives."""
+    negatives = torch.sort(scores[~same].double(), descending=True).values
+    if len(negatives) * far < 1:
+        raise ValueError(
+            f"a threshold at FAR {far:g} needs at least {int(1 / far)} different-class pairs, got {len(negatives)}"
+        )
+    return float(torch.nextafter(negatives[int(far * len(negatives))], torch.tensor(math.inf, dtype=torch.float64)))
 
 
 def verification_metrics(

@@ -20,10 +20,11 @@ from omegaconf import DictConfig
 
 from arcface_lightning.config import ConfigError, check_run_keys, one_line, print_config
 from arcface_lightning.data import DataError
+from arcface_lightning.inference import ModelError
 from arcface_lightning.module import DivergedError
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (ConfigError, DataError, DivergedError)  # explained in one line, no traceback
+USER_ERRORS = (ConfigError, DataError, DivergedError, ModelError)  # explained in one line, no traceback
 
 
 def start(cfg: DictConfig) -> None:

@@ -110,6 +110,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.open_set: Dataset | None = None  # test images of classes never trained on (open-set protocol)
+        self.predict_split = "test"  # what Trainer.predict embeds (predict_dataloader)
 
     def _transforms(self, train: bool) -> list[Any]:
         """The torchvision pipeline's per-sample transforms (the tensor pipeline does the same in `prepare`)."""
@@ -164,9 +165,10 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         self.count_classes()
-        if stage in (None, "fit", "validate") and self.train_set is None:
+        predicting_train = stage == "predict" and self.predict_split in ("train", "val")
+        if (stage in (None, "fit", "validate") or predicting_train) and self.train_set is None:
             self.train_set, self.val_set, _ = self._split()
-            if hp.augment["kind"] and hp.pipeline == "torchvision":  # the subsets share one dataset
+            if hp.augment["kind"] and hp.pipeline == "torchvision" and stage != "predict":  # one shared dataset
                 self.train_set = sets.with_transform(self.train_set, self.train_transform)
             self.seed = self.train_seed()
         if stage in (None, "test", "predict") and self.test_set is None:
@@ -297,8 +299,9 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader("val", self.hparams.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        """The official test set, for Trainer.predict (its embeddings, through the module's predict_step)."""
-        return self._loader("test", self.hparams.eval_batch_size)
+        """The split named by `predict_split` (test unless set: train, val or test), unaugmented and in order, for
+        Trainer.predict: its embeddings through the module's predict_step (arcface_lightning.embed)."""
+        return self._loader(self.predict_split, self.hparams.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         """The test set; with open_classes, also the open-set images as a second loader (dataloader_idx 1)."""

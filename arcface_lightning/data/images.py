@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,12 +134,19 @@ def match_classes(index: ImageIndex, classes: list[str], where: str) -> ImageInd
     return ImageIndex(index.paths, labels, list(classes), index.notes)
 
 
+def io_message(error: BaseException) -> str:
+    """torchvision.io's error without the C++ source location it starts with (`decode_image, <file>.cpp:37, `)."""
+    return re.sub(r"^\w+, \S+\.cpp:\d+, ", "", first_line(error))
+
+
 def read_image(path: str, in_channels: int, image_size: int) -> torch.Tensor:
     """One file → uint8 (in_channels, image_size, image_size): decoded, converted, resized, centre-cropped."""
     try:
         data = read_file(path)
     except Exception as error:
-        raise DataError(f"unreadable image {path}: {first_line(error)}") from error
+        if not os.path.isfile(path):
+            raise DataError(f"no such image file: {path}") from None
+        raise DataError(f"unreadable image {path}: {io_message(error)}") from error
     return decode(data, in_channels, image_size, path)
 
 
@@ -148,7 +156,7 @@ def decode(data: torch.Tensor, in_channels: int, image_size: int, name: str) -> 
     try:
         image = decode_image(data, mode=mode)
     except Exception as error:  # torchvision raises RuntimeError for corrupt data
-        raise DataError(f"unreadable image {name}: {first_line(error)}") from error
+        raise DataError(f"unreadable image {name}: {io_message(error)}") from error
     if image.ndim == 4:  # an animated GIF: its first frame
         image = image[0]
     if image.dtype != torch.uint8:  # 16-bit PNGs

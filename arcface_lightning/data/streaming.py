@@ -153,7 +153,8 @@ class StreamingDataModule(ImageDataModule):
             raise DataError(
                 f"data.val_split={hp.val_split} but {self.folder} was packed with --val-split {manifest['val_split']}"
             )
-        for split in ("val", "test"):  # every stage reads one of them; opening a split reads only its index
+        by_index = ("val", "test", "train") if stage == "predict" else ("val", "test")  # train: embed split=train
+        for split in by_index:  # every stage reads one of them; opening a split reads only its index
             if getattr(self, f"{split}_set") is None:
                 setattr(self, f"{split}_set", PackedImages(self.folder / split, hp.in_channels, hp.image_size))
         if stage in (None, "fit") and self.seed is None:
