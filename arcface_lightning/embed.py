@@ -35,10 +35,9 @@ from torch.utils.data import DataLoader
 from arcface_lightning.config import ConfigError, instantiate_node, register_configs
 from arcface_lightning.data.augment import BatchPreparation
 from arcface_lightning.data.images import ImageFiles, ImageIndex
-from arcface_lightning.evaluate import load_checkpoint
 from arcface_lightning.inference import Contract, contract_from_checkpoint, index_inputs, save_embeddings
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
-from arcface_lightning.runs import check_ckpt_path, run, start
+from arcface_lightning.runs import check_ckpt_path, load_checkpoint, run, start
 
 SPLITS = ("train", "val", "test")
 

@@ -14,23 +14,15 @@ import sys
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from arcface_lightning.checks import BadValue
 from arcface_lightning.config import (
     ConfigError,
     instantiate_node,
-    named_error,
-    one_line,
     register_configs,
-    root_cause,
 )
-from arcface_lightning.data import ImageDataModule
-from arcface_lightning.data.streaming import StreamingDataModule
-from arcface_lightning.module import ArcFaceModule
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
-from arcface_lightning.runs import check_ckpt_path, final_metrics, run, start
+from arcface_lightning.runs import check_ckpt_path, final_metrics, load_checkpoint, run, start
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -47,21 +39,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(final_metrics(results))
     dataset = datamodule.hparams.dataset
     return {**metrics, "checkpoint": str(ckpt_path), "dataset": dataset, "tags": list(cfg.get("tags") or [])}
-
-
-def load_checkpoint(cfg: DictConfig, ckpt_path: str) -> tuple[ArcFaceModule, ImageDataModule]:
-    """The module and its data module from a checkpoint; `cfg.data` keys that are not null override the data
-    module's saved values (where the files are, how they are loaded). Also used by arcface_lightning.embed."""
-    try:  # model and data settings (dataset, normalisation, split) both come from the checkpoint
-        model = ArcFaceModule.load_from_checkpoint(ckpt_path, map_location="cpu")
-        given = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
-        data_class = StreamingDataModule if saved.get("dataset") == "streaming" else ImageDataModule
-        return model, data_class.load_from_checkpoint(ckpt_path, **given)  # null: the checkpoint's value
-    except Exception as error:  # a bad data.* value from the command line, or not a checkpoint of this model
-        if isinstance(root_cause(error), BadValue):
-            raise named_error(cfg, "data", error) from error
-        raise ConfigError(f"ckpt_path={ckpt_path} could not be loaded: {one_line(error)}") from error
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")

@@ -1,5 +1,6 @@
-"""What train and evaluate share around their task: checks at the start, the checkpoint path, and the outcome
-(status ok, failed, diverged or interrupted) written to metrics.json, with one line on the console for a user error.
+"""What the entry points share around their task: checks at the start, the checkpoint path and loading it, and the
+outcome (status ok, failed, diverged or interrupted) written to metrics.json, with one line on the console for a
+user error.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from arcface_lightning.config import ConfigError, check_run_keys, one_line, print_config
-from arcface_lightning.data import DataError
+from arcface_lightning.checks import BadValue
+from arcface_lightning.config import ConfigError, check_run_keys, named_error, one_line, print_config, root_cause
+from arcface_lightning.data import DataError, ImageDataModule
+from arcface_lightning.data.streaming import StreamingDataModule
 from arcface_lightning.inference import ModelError
-from arcface_lightning.module import DivergedError
+from arcface_lightning.module import ArcFaceModule, DivergedError
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (ConfigError, DataError, DivergedError, ModelError)  # explained in one line, no traceback
@@ -118,3 +121,18 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep:
     else:
         raise failure
     return record
+
+
+def load_checkpoint(cfg: DictConfig, ckpt_path: str) -> tuple[ArcFaceModule, ImageDataModule]:
+    """The module and its data module from a checkpoint; `cfg.data` keys that are not null override the data
+    module's saved values (where the files are, how they are loaded). evaluate and embed."""
+    try:  # model and data settings (dataset, normalisation, split) both come from the checkpoint
+        model = ArcFaceModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+        given = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
+        data_class = StreamingDataModule if saved.get("dataset") == "streaming" else ImageDataModule
+        return model, data_class.load_from_checkpoint(ckpt_path, **given)  # null: the checkpoint's value
+    except Exception as error:  # a bad data.* value from the command line, or not a checkpoint of this model
+        if isinstance(root_cause(error), BadValue):
+            raise named_error(cfg, "data", error) from error
+        raise ConfigError(f"ckpt_path={ckpt_path} could not be loaded: {one_line(error)}") from error
