@@ -5,19 +5,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from omegaconf import open_dict
 
+from arcface_lightning.embed import embed
+from arcface_lightning.inference import read_embeddings
+from arcface_lightning.runs import run
+from arcface_lightning.search import search
 from arcface_lightning.train import train
-from conftest import compose_config
+from arcface_lightning.verify import verify
+from conftest import cli, compose_config
 
 DATA_DIR = os.environ.get("ARCFACE_DATA_DIR", "")
 HAS_MNIST = bool(DATA_DIR) and (Path(DATA_DIR) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
 
 
-@pytest.mark.real_data
-@pytest.mark.skipif(not HAS_MNIST, reason="ARCFACE_DATA_DIR has no MNIST/raw")
-def test_one_epoch_of_the_seed_recipe_reaches_98_percent(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One epoch of the seed recipe on real MNIST: its metrics.json record."""
     cfg = compose_config(
         "experiment=seed_mnist",
         "trainer=cpu",
@@ -28,7 +35,81 @@ def test_one_epoch_of_the_seed_recipe_reaches_98_percent(tmp_path: Path) -> None
         "logger=csv",
     )
     with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-    metrics = train(cfg)
-    assert metrics["test/acc"] >= 0.98, metrics
-    assert metrics["test/acc_margin"] < metrics["test/acc"]  # the seed's metric understates the same model
+        cfg.paths.output_dir = str(tmp_path_factory.mktemp("seed_run"))
+    return train(cfg)
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not HAS_MNIST, reason="ARCFACE_DATA_DIR has no MNIST/raw")
+def test_one_epoch_of_the_seed_recipe_reaches_98_percent(seed_run: dict) -> None:
+    assert seed_run["test/acc"] >= 0.98, seed_run
+    assert seed_run["test/acc_margin"] < seed_run["test/acc"]  # the seed's metric understates the same model
+
+
+def entry(name: str, tmp_path: Path, *overrides: str):
+    cfg = compose_config(*overrides, config_name=name)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / name)
+    return cfg
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not HAS_MNIST, reason="ARCFACE_DATA_DIR has no MNIST/raw")
+def test_embed_search_and_verify_agree_with_the_runs_own_test_metrics(seed_run: dict, tmp_path: Path) -> None:
+    """The trained model used as users do: the test and training sets embedded (the CLI once, in-process once),
+    searched, and pairs verified at the threshold saved with the checkpoint."""
+    ckpt = seed_run["best_checkpoint"]
+    test_file, train_file = tmp_path / "test.npz", tmp_path / "train.npz"
+    result = cli(
+        "embed",
+        f"ckpt_path={ckpt}",
+        "split=test",
+        f"output={test_file}",
+        f"paths.data_dir={DATA_DIR}",
+        "trainer=cpu",
+        f"hydra.run.dir={tmp_path / 'cli'}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    overrides = [
+        f"ckpt_path={ckpt}",
+        "split=train",
+        f"output={train_file}",
+        f"paths.data_dir={DATA_DIR}",
+        "trainer=cpu",
+    ]
+    assert run(embed, entry("embed", tmp_path, *overrides))["embeddings"] == 55_000
+    test, gallery = read_embeddings(test_file), read_embeddings(train_file)
+    assert test.embeddings.shape == (10_000, 128) and list(test.sources[:2]) == ["test:0", "test:1"]
+
+    # the test set searching itself, leaving each query out, is evaluate's precision@1 (from the test step)
+    itself = run(search, entry("search", tmp_path, f"gallery={test_file}", f"query={test_file}", "k=1"))
+    assert itself["top1_accuracy"] == pytest.approx(seed_run["test/precision_at_1"], abs=2e-4)
+    # against the training set: the top-1 label of a brute-force float64 search
+    found = run(search, entry("search", tmp_path, f"gallery={train_file}", f"query={test_file}", "k=5"))
+    nearest = (torch.from_numpy(test.embeddings).double() @ torch.from_numpy(gallery.embeddings).double().T).argmax(1)
+    assert found["top1_accuracy"] == pytest.approx(float(np.mean(gallery.labels[nearest.numpy()] == test.labels)))
+    assert found["top1_accuracy"] > 0.98
+
+    # verify on 10 same-digit and 10 different-digit pairs of test images written as PNG files
+    from torchvision.datasets import MNIST
+    from torchvision.io import write_png
+
+    images = MNIST(DATA_DIR, train=False, download=False)
+    by_digit = {d: np.flatnonzero(images.targets.numpy() == d)[:2] for d in range(10)}
+    same = [(by_digit[d][0], by_digit[d][1]) for d in range(10)]
+    different = [(by_digit[d][0], by_digit[(d + 1) % 10][1]) for d in range(10)]
+    for i in {i for pair in same + different for i in pair}:
+        write_png(images.data[i][None], str(tmp_path / f"{i}.png"))
+    answers = {}
+    for kind, pairs in (("same", same), ("different", different)):
+        answers[kind] = [
+            run(
+                verify,
+                entry(
+                    "verify", tmp_path, f"ckpt_path={ckpt}", f"a={tmp_path / f'{a}.png'}", f"b={tmp_path / f'{b}.png'}"
+                ),
+            )["same"]
+            for a, b in pairs
+        ]
+    assert not any(answers["different"])  # at FAR 1e-3 on validation pairs
+    assert sum(answers["same"]) >= 8, answers  # the run's test/tar_at_far_1e-3 is about 0.9
