@@ -13,6 +13,7 @@ every embeddings file.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,13 +166,16 @@ def load_model(path: str | Path, key: str = "ckpt_path", threads: int | None = N
         scale = 1.0 if dtype == np.uint8 else 1 / 255.0
 
         def run_onnx(images: torch.Tensor) -> np.ndarray:
-            return session.run(None, {name: (images.numpy() * scale).astype(dtype)})[0]
+            array = images.numpy() if dtype == np.uint8 else (images.numpy() * scale).astype(dtype)
+            return session.run(None, {name: array})[0]
 
         return run_onnx, Contract.from_json(meta[CONTRACT_KEY])
     if path.suffix in (".pt", ".ts", ".torchscript"):
         extra = {"contract.json": "", "input_dtype": ""}
         try:
-            scripted = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            with warnings.catch_warnings():  # torch 2.14 marks TorchScript deprecated; it still loads
+                warnings.simplefilter("ignore", FutureWarning)
+                scripted = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as error:
             raise ModelError(f"{key}={path} is not a TorchScript file: {str(error).splitlines()[0]}") from error
         if not extra["contract.json"]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
 
 from conftest import ROOT, write_mnist
@@ -160,3 +161,46 @@ def test_embeddings_on_real_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert shown["test/acc"][0] >= 0.97  # digits 0–4 in 3-D
     seen, unseen = shown["verification_auc"]
     assert seen > 0.99 and 0.5 < unseen < seen  # better than chance on digits never seen, worse than on seen ones
+
+
+def check_inference(notebook: nbformat.NotebookNode, ckpt: Path, data: Path, gallery: int, queries: int) -> dict:
+    """The exported model matches the eager one, and the printed top-1 accuracy and accept rates are what the eager
+    model gives on the same images (recomputed here in float64)."""
+    from torchvision.datasets import MNIST
+
+    from arcface_lightning.inference import embedder_from_checkpoint
+
+    shown = numbers(notebook)
+    assert shown["onnx_vs_eager_max_abs_diff"][0] <= 1e-4
+    embedder, contract = embedder_from_checkpoint(ckpt)
+    train, test = (MNIST(data, train=t, download=False) for t in (True, False))
+    with torch.inference_mode():
+        g, q = (embedder(x.data[:n, None]).double() for x, n in ((train, gallery), (test, queries)))
+    nearest = (q @ g.T).argmax(1)
+    top1 = float((train.targets[:gallery][nearest] == test.targets[:queries]).double().mean())
+    assert shown["top1_accuracy"][0] == pytest.approx(top1, abs=PRINTED)
+    similarity, labels = q @ q.T, test.targets[:queries]
+    i, j = torch.triu_indices(queries, queries, offset=1)
+    accepted, same = similarity[i, j] >= contract.thresholds["far=1e-3"], labels[i] == labels[j]
+    assert shown["true_accept_rate"][0] == pytest.approx(float(accepted[same].double().mean()), abs=1e-3)
+    assert shown["false_accept_rate"][0] == pytest.approx(float(accepted[~same].double().mean()), abs=1e-3)
+    assert (ckpt.parent / "model.onnx").is_file() and figures(notebook) == 1
+    return shown
+
+
+def test_inference_trains_exports_searches_and_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, out = write_mnist(tmp_path / "data"), tmp_path / "out"
+    notebook = execute(
+        "03_inference.ipynb", monkeypatch, ARCFACE_DATA_DIR=data, ARCFACE_NOTEBOOK_QUICK=1, ARCFACE_NOTEBOOK_OUT=out
+    )
+    written = json.loads(only(list(out.glob("03_inference/*/metrics.json"))).read_text())
+    check_inference(notebook, Path(written["best_checkpoint"]), data, gallery=500, queries=100)
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not HAS_MNIST, reason="ARCFACE_DATA_DIR has no MNIST/raw")
+def test_inference_on_real_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    notebook = execute("03_inference.ipynb", monkeypatch, ARCFACE_DATA_DIR=DATA_DIR, ARCFACE_NOTEBOOK_OUT=tmp_path)
+    written = json.loads(only(list(tmp_path.glob("03_inference/*/metrics.json"))).read_text())
+    shown = check_inference(notebook, Path(written["best_checkpoint"]), Path(DATA_DIR), gallery=10_000, queries=1_000)
+    assert shown["top1_accuracy"][0] > 0.97 and shown["false_accept_rate"][0] < 0.01
