@@ -181,3 +181,20 @@ def test_verify_says_in_one_line_what_is_wrong(checkpoint, tmp_path) -> None:
         with pytest.raises(SystemExit) as error:
             run(verify, verify_config(tmp_path, f"ckpt_path={ckpt}", f"a={paths[0]}", *overrides))
         assert str(error.value) == f"error: {message}"
+
+
+def test_embed_under_ddp_merges_the_ranks_shares_in_order_without_the_padding(checkpoint, tmp_path) -> None:
+    """Two gloo processes; 25 images, so the distributed sampler pads one rank with a repeat: the file holds each
+    image once, in input order, with the single-process embeddings."""
+    data, ckpt = checkpoint
+    images, labels = digits(3)
+    folder = write_folder(tmp_path / "images", images[:25], labels[:25])
+    single, ddp = tmp_path / "single.npz", tmp_path / "ddp.npz"
+    overrides = [f"ckpt_path={ckpt}", f"input={folder}", "data.eval_batch_size=4"]
+    assert run(embed, embed_config(tmp_path, data, ckpt, *overrides[1:], f"output={single}"))["status"] == "ok"
+    result = cli("embed", *overrides, f"output={ddp}", "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = read_embeddings(single), read_embeddings(ddp)
+    assert list(two.sources) == list(one.sources) and list(two.labels) == list(one.labels) == list(labels[:25])
+    np.testing.assert_allclose(two.embeddings, one.embeddings, atol=1e-5)
+    assert not list(tmp_path.glob("ddp.npz.*"))

@@ -195,12 +195,3 @@ def test_inference_trains_exports_searches_and_verifies(tmp_path: Path, monkeypa
     )
     written = json.loads(only(list(out.glob("03_inference/*/metrics.json"))).read_text())
     check_inference(notebook, Path(written["best_checkpoint"]), data, gallery=500, queries=100)
-
-
-@pytest.mark.real_data
-@pytest.mark.skipif(not HAS_MNIST, reason="ARCFACE_DATA_DIR has no MNIST/raw")
-def test_inference_on_real_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    notebook = execute("03_inference.ipynb", monkeypatch, ARCFACE_DATA_DIR=DATA_DIR, ARCFACE_NOTEBOOK_OUT=tmp_path)
-    written = json.loads(only(list(tmp_path.glob("03_inference/*/metrics.json"))).read_text())
-    shown = check_inference(notebook, Path(written["best_checkpoint"]), Path(DATA_DIR), gallery=10_000, queries=1_000)
-    assert shown["top1_accuracy"][0] > 0.97 and shown["false_accept_rate"][0] < 0.01
