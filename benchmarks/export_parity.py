@@ -13,9 +13,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from arcface_lightning.config import register_configs
 from arcface_lightning.export import export_model
 from arcface_lightning.inference import Contract, Embedder, load_model
 
@@ -24,16 +25,15 @@ SIZES = {"resnet18": (3, 32)}  # (channels, image size): the CIFAR stem's data; 
 
 
 def backbone(name: str, channels: int, size: int) -> torch.nn.Module:
-    node = OmegaConf.load(CONF / f"{name}.yaml")
-    if "defaults" in node:  # a config that extends another: its base first
-        base = OmegaConf.load(CONF / f"{node.defaults[0]}.yaml")
-        node = OmegaConf.merge(base, {k: v for k, v in node.items() if k != "defaults"})
-    values = {"embedding_size": 128, "in_channels": channels, "image_size": size}
-    node = {k: values.get(k, v) if isinstance(v, str) and v.startswith("${") else v for k, v in node.items()}
-    return instantiate(node)
+    """conf/backbone/<name>.yaml composed as train would compose it, at 128-D, randomly initialised."""
+    overrides = [f"backbone={name}", f"data.in_channels={channels}", f"data.image_size={size}", "embedding_size=128"]
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "~experiment"])
+    return instantiate(cfg.backbone)
 
 
 def main() -> None:
+    register_configs()
     torch.manual_seed(0)
     print("| backbone | format | max abs diff (64 images) |\n|---|---|---|")
     for path in sorted(CONF.glob("*.yaml")):
