@@ -20,7 +20,22 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from arcface_lightning import heads
 from arcface_lightning.checks import check_choice, check_int
+from arcface_lightning.heads import CombinedMarginHead
 from arcface_lightning.metrics import SELECTION, embedding_metrics
+from arcface_lightning.partial_fc import AUTO_SHARD_CLASSES, PartialFC
+
+
+def build_head(config: Mapping[str, Any]) -> nn.Module:
+    """A head from its config. `sample_rate` < 1 or `sharded` (true, or auto with ≥ AUTO_SHARD_CLASSES classes)
+    wrap a margin head in PartialFC; otherwise the head is the plain module, as before those keys existed."""
+    config = dict(config)
+    sample_rate, sharded = config.pop("sample_rate", 1.0), config.pop("sharded", False)
+    head = instantiate(config)
+    large = sharded == "auto" and isinstance(head, CombinedMarginHead) and head.num_classes >= AUTO_SHARD_CLASSES
+    if sample_rate != 1.0 or sharded is True or large:
+        return PartialFC(head, sample_rate=sample_rate, sharded=sharded)
+    check_choice("head", "sharded", sharded, (True, False, "auto"))
+    return head
 
 
 class DivergedError(FloatingPointError):
@@ -93,7 +108,7 @@ class ArcFaceModule(L.LightningModule):
         self.backbone = backbone if isinstance(backbone, nn.Module) else instantiate(backbone)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)  # 4-D weights only; checkpoints load into it as usual
-        self.head = head if isinstance(head, nn.Module) else instantiate(head)
+        self.head = head if isinstance(head, nn.Module) else build_head(head)
         num_classes = self.head.num_classes
         # one metric object per stage (and per definition): torchmetrics keeps their states apart.
         # Training aggregates are plain sums on the device: nan_strategy="disable" skips torchmetrics' NaN check
@@ -121,6 +136,13 @@ class ArcFaceModule(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         images, labels = batch
         embeddings = self(images)
+        if isinstance(self.head, PartialFC):  # loss and predictions across ranks (partial_fc.py)
+            if not self.training:
+                out = self.head.evaluate(embeddings, labels)
+            else:
+                out = self.head(embeddings, labels, self._sampling_generator(embeddings.device))
+                self.head.attach(self.optimizers().optimizer)  # this step's sampled centres, before it steps
+            return out["loss"], out["preds"], out["margin_preds"], labels, embeddings
         # the training objective (margin on the true class) and the prediction (no margin, no labels), from one
         # cosine matrix
         margin_logits, logits = self.head.training_logits(embeddings, labels)
@@ -240,8 +262,45 @@ class ArcFaceModule(L.LightningModule):
         self.log(f"{stage}/acc_margin", acc_margin, add_dataloader_idx=False)
         return embeddings
 
+    def _sampling_generator(self, device: torch.device) -> torch.Generator:
+        """Partial FC's negative sampling: seeded by (the run's seed, step, rank), so a resumed run draws the same."""
+        seed = (torch.initial_seed() * 1_000_003 + self.global_step) * 1_009 + self.global_rank
+        return torch.Generator(device).manual_seed(seed % 2**63)
+
+    def setup(self, stage: str) -> None:
+        """Partial FC: shard the centres once the process group exists, and keep them out of DDP's reach."""
+        if isinstance(self.head, PartialFC) and self.trainer is not None:
+            if self.trainer.accumulate_grad_batches != 1:
+                raise ValueError("head.sample_rate / head.sharded: trainer.accumulate_grad_batches must be 1")
+            self.head.shard()
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Read by DDP when it wraps the model: Partial FC's centres are per rank (and never enter the graph
+        themselves: each step's sampled copy does). Their optimiser state is no buffer (partial_fc.py)."""
+        return ["head.weight"] if isinstance(self.head, PartialFC) else []
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints hold the whole centre matrix and its optimiser state, whatever the world size (every rank
+        runs this: gathering is a collective)."""
+        if isinstance(self.head, PartialFC) and self.head.world > 1:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("head.")]:
+                if state[key].ndim and len(state[key]) == self.head.end - self.head.start:
+                    state[key] = self.head.full(state[key]).cpu()
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if isinstance(self.head, PartialFC):  # the stepped rows back into the centres and their state
+            self.head.write_back(getattr(optimizer, "optimizer", optimizer))
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        if isinstance(self.head, PartialFC):  # the centres' last group holds each step's sampled rows (attach)
+            others = [p for name, p in self.named_parameters() if name != "head.weight"]
+            placeholder = nn.Parameter(self.head.weight.new_zeros(0, self.head.embedding_size))
+            optimizer = self.optimizer_factory(params=[{"params": others}, {"params": [placeholder]}])
+        else:
+            optimizer = self.optimizer_factory(params=self.parameters())
         if self.hparams.scheduler is None:
             return optimizer
         lr_scheduler = dict(self.hparams.scheduler)

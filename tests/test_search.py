@@ -91,8 +91,16 @@ def test_cli_ranks_a_query_file_against_a_gallery(tmp_path: Path) -> None:
     query_file = save_embeddings(tmp_path / "q.npz", queries, query_labels, [f"q{i}" for i in range(12)],
                                  contract(classes=classes), "model.onnx")  # fmt: skip
     output = tmp_path / "out" / "hits.csv"
-    result = cli("search", f"gallery={gallery_file}", f"query={query_file}", "k=4", f"output={output}",
-                 "chunk_size=5", "model=null", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip (model=: the rename)
+    result = cli(
+        "search",
+        f"gallery={gallery_file}",
+        f"query={query_file}",
+        "k=4",
+        f"output={output}",
+        "chunk_size=5",
+        "model=null",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip (model=: the rename)
     assert result.returncode == 0, result.stderr[-2000:]
     expected_scores, expected = oracle(queries, gallery, 4)
     with output.open() as f:

@@ -1,0 +1,292 @@
+"""Partial FC: a margin head's class centres sharded across DDP ranks, a sampled subset of negative centres per
+step, and the softmax cross-entropy computed across ranks (An et al. 2021, arXiv 2010.05222; 2022, arXiv
+2203.15565; insightface's arcface_torch). Plain torch and torch.distributed: no Lightning here.
+
+Per step, on each of W ranks (W = 1 without DDP):
+- rank r owns rows [start_r, end_r) of the C × E centre matrix (C need not divide by W: the first C mod W ranks hold
+  one more row);
+- embeddings and labels are all-gathered (embeddings with their gradient: `GatherWithGrad`), so every rank sees the
+  global batch;
+- sampling: the positive centres of the global batch on this rank plus random negatives, k = max(⌈rate · C_r⌉,
+  min(global batch, C_r)) rows in all. k is fixed by the shapes alone: there are at most `global batch` distinct
+  positives, so all of them fit, and no data-dependent size has to be read back to the host (no GPU sync);
+- cosines against the k sampled centres, the margin ψ where the label's centre is on this rank;
+- cross-entropy over all ranks (`DistributedCrossEntropy`): the max and the sum of exponentials all-reduced, so
+  loss and gradients equal the unsharded softmax over the sampled centres (over all C at rate 1).
+
+Gradient scale: the embeddings' gradient sums every rank's share and is multiplied by W, because DDP averages the
+backbone's gradients over ranks; the backbone then gets the gradient of the global batch's mean loss, as with a
+plain DDP head. The centres are excluded from DDP (each rank owns its rows).
+
+Optimiser: the centres are not a parameter of the model's optimiser. Each step the sampled rows are copied into a
+fresh leaf parameter (`sampled`), which the module puts into the optimiser's last param group together with those
+rows of the centres' optimiser state (kept here, row-sharded, saved as `state_<name>` entries); after the step both are
+written back (`write_back`). So rows not sampled this step — weights and optimiser state (momentum, Adam moments)
+— are bit-unchanged, and the optimiser's cost scales with the rate. Scalar state (Adam's `step`) is shared by all
+rows ("lazy" Adam, as torch's SparseAdam). Checkpoints hold the full C × E matrix and state (module.py gathers
+them), so a run saved on N ranks resumes on M, and evaluate/export load it on one process.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from arcface_lightning.checks import BadValue, check_choice, check_number
+from arcface_lightning.heads import CombinedMarginHead, check_labels, cosine_similarity
+
+AUTO_SHARD_CLASSES = 10_000  # sharded=auto shards from this many classes on, when there is more than one rank
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_bounds(num_classes: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [start, end) of rank `rank`: C // W each, the first C mod W ranks one more."""
+    base, extra = divmod(num_classes, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather of equal-sized (B, ...) tensors along dim 0; backward: the gradient of this rank's rows summed
+    over ranks (each rank's loss sees every row), times the world size (DDP averages the backbone's gradients)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        rank, world = _world()
+        ctx.rank, ctx.world, ctx.rows = rank, world, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # gloo has no reduce_scatter; the rows of other ranks are dropped below
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows] * ctx.world
+
+
+class DistributedCrossEntropy(torch.autograd.Function):
+    """Mean softmax cross-entropy of (B, k) logits whose columns are spread over ranks. `target` is the column of
+    each row's label on this rank, -1 where it lives elsewhere. Returns (loss, this rank's softmax columns)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        distributed = _world()[1] > 1
+        top = logits.max(1).values
+        if distributed:
+            dist.all_reduce(top, dist.ReduceOp.MAX)
+        exp = (logits - top[:, None]).exp()
+        total = exp.sum(1)
+        here = target >= 0
+        index = target.clamp(min=0)[:, None]
+        target_logit = torch.where(here, logits.gather(1, index).squeeze(1) - top, torch.zeros_like(top))
+        if distributed:
+            dist.all_reduce(total)
+            dist.all_reduce(target_logit)  # each row's target lives on exactly one rank
+        probs = exp / total[:, None]
+        ctx.save_for_backward(probs, index, here)
+        ctx.mark_non_differentiable(probs)
+        return (total.log() - target_logit).mean(), probs
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None]:
+        probs, index, here = ctx.saved_tensors
+        grad = probs.scatter_add(1, index, -here.to(probs.dtype)[:, None])
+        return grad * (grad_loss / len(probs)), None
+
+
+class PartialFC(nn.Module):
+    """A margin head (heads.CombinedMarginHead and its subclasses) with sharded, sampled class centres.
+
+    Keeps the margin head's centres as `weight` (so a checkpoint's `head.weight` is the same tensor either way) and
+    its s and ψ. `sharded`: true, false, or auto (shard when the world has more than one rank and C ≥
+    AUTO_SHARD_CLASSES); decided in `shard()`, which the module calls once the process group exists.
+    `sample_rate`: the fraction of centres (positives always included) each training step uses."""
+
+    def __init__(self, margin: nn.Module, sample_rate: float = 1.0, sharded: bool | str = "auto") -> None:
+        super().__init__()
+        if not isinstance(margin, CombinedMarginHead):
+            raise BadValue(
+                "PartialFC",
+                "head",
+                type(margin).__name__,
+                "a margin head (ArcFace, CosFace, SphereFace, "
+                "combined); sharded centres and sample_rate < 1 need normalised centres",
+            )
+        check_number("PartialFC", "sample_rate", sample_rate, "0 < sample_rate ≤ 1", lambda v: 0 < v <= 1)
+        check_choice("PartialFC", "sharded", sharded, (True, False, "auto"))
+        self.s, self.psi = margin.s, margin.psi  # a bound method: the margin head itself is not a submodule
+        self.embedding_size, self.num_classes = margin.embedding_size, margin.num_classes
+        self.sample_rate, self.sharded = float(sample_rate), sharded
+        self.weight = margin.weight
+        self.rank, self.world, self.start, self.end = 0, 1, 0, self.num_classes
+        self.sampled: nn.Parameter | None = None  # this step's rows of `weight`, a leaf the optimiser steps
+        self._index: torch.Tensor | None = None
+        # the centres' optimiser state, row-sharded like `weight` (scalars shared). Not buffers: DDP re-collects a
+        # module's buffers at every forward and would broadcast rank zero's rows over every other rank's. Saved
+        # and loaded as `state_<name>` entries of the state dict (_save_to_state_dict, _load_from_state_dict).
+        self.optimizer_state: dict[str, torch.Tensor] = {}
+        self.margin_repr = repr(margin)
+
+    # -- sharding and the centres' optimiser state ------------------------------------------------------------
+    def shard(self) -> bool:
+        """Keep only this rank's rows (call once, after the process group exists). Whether it sharded."""
+        rank, world = _world()
+        wanted = self.sharded is True or (self.sharded == "auto" and self.num_classes >= AUTO_SHARD_CLASSES)
+        if world == 1 or not wanted or self.world > 1:
+            return self.world > 1
+        self.rank, self.world = rank, world
+        self.start, self.end = shard_bounds(self.num_classes, rank, world)
+        self.weight = nn.Parameter(self.weight.detach()[self.start : self.end].clone())
+        for name, value in self.optimizer_state.items():
+            if value.ndim and len(value) == self.num_classes:
+                self.optimizer_state[name] = value[self.start : self.end].clone()
+        return True
+
+    def full(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a row-sharded tensor → the full (C, ...) tensor, on every rank (a collective)."""
+        if self.world == 1:
+            return tensor
+        rows = -(-self.num_classes // self.world)  # ranks hold ⌈C/W⌉ or ⌊C/W⌋ rows: pad to gather equal sizes
+        padded = tensor.new_zeros(rows, *tensor.shape[1:])
+        padded[: len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        bounds = [shard_bounds(self.num_classes, r, self.world) for r in range(self.world)]
+        return torch.cat([part[: end - start] for part, (start, end) in zip(parts, bounds, strict=True)])
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, value in self.optimizer_state.items():
+            destination[f"{prefix}state_{name}"] = value
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Checkpoints hold full matrices: this rank's rows of the centres and of their optimiser state."""
+        rows = slice(self.start, self.end)
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            value = state_dict[key]
+            if value.ndim and len(value) == self.num_classes and self.world > 1:
+                value = state_dict[key] = value[rows]
+            if key[len(prefix) :].startswith("state_"):
+                del state_dict[key]
+                self.optimizer_state[key[len(prefix) + len("state_") :]] = value.clone().to(self.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put this step's sampled rows (and their optimiser state) into the optimiser's last param group."""
+        group = optimizer.param_groups[-1]
+        optimizer.state.pop(group["params"][0], None)
+        group["params"][0] = self.sampled
+        device = self.weight.device
+        self.optimizer_state = {name: value.to(device) for name, value in self.optimizer_state.items()}
+        state = {
+            name: value[self._index] if value.ndim else value.clone() for name, value in self.optimizer_state.items()
+        }
+        if state:
+            optimizer.state[self.sampled] = state
+
+    @torch.no_grad()
+    def write_back(self, optimizer: torch.optim.Optimizer) -> None:
+        """After the optimiser step: the sampled rows and their new optimiser state into the sharded tensors."""
+        if self.sampled is None:
+            return
+        self.weight[self._index] = self.sampled.detach()
+        for name, value in optimizer.state.pop(self.sampled, {}).items():
+            if not torch.is_tensor(value):
+                continue
+            if name not in self.optimizer_state:
+                shape = (len(self.weight), *value.shape[1:]) if value.ndim else ()
+                self.optimizer_state[name] = torch.zeros(shape, dtype=value.dtype, device=value.device)
+            if value.ndim:
+                self.optimizer_state[name][self._index] = value
+            else:
+                self.optimizer_state[name].copy_(value)
+        self.sampled, self._index = None, None
+
+    # -- the loss and the predictions --------------------------------------------------------------------------
+    def gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.world == 1:
+            return embeddings, labels
+        parts = [torch.empty_like(labels) for _ in range(self.world)]
+        dist.all_gather(parts, labels.contiguous())
+        return GatherWithGrad.apply(embeddings), torch.cat(parts)
+
+    def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sorted local row indices: every positive of `labels` (global) on this rank, plus random negatives."""
+        rows = self.end - self.start
+        k = min(rows, max(math.ceil(self.sample_rate * rows), len(labels)))
+        if k == rows:
+            return torch.arange(rows, device=labels.device)
+        score = torch.rand(rows, generator=generator, device=labels.device)
+        local = labels - self.start
+        mine = (local >= 0) & (local < rows)
+        # positives score 2 (random scores are < 1); other rows' labels add 0, which max() ignores
+        score.scatter_reduce_(0, local.clamp(0, rows - 1), mine.to(score.dtype) * 2, reduce="amax")
+        return score.topk(k).indices.sort().values
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Training: {"loss", "preds", "margin_preds" (over the sampled centres; for this rank's rows), "probs"
+        (this rank's softmax columns of the global batch), "index" (the sampled local rows)}. Sets `sampled`."""
+        check_labels(labels, self.num_classes)
+        x, y = self.gather(embeddings, labels)
+        self._index = self.sample(y, generator)
+        self.sampled = nn.Parameter(self.weight.detach()[self._index])
+        return self._loss(x, y, self.sampled, self._index, embeddings.shape[0])
+
+    @torch.no_grad()
+    def evaluate(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Validation and test: the same over every centre (no sampling), nothing kept for the optimiser."""
+        x, y = self.gather(embeddings, labels)
+        index = torch.arange(self.end - self.start, device=x.device)
+        return self._loss(x, y, self.weight, index, embeddings.shape[0])
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, index: torch.Tensor, rows: int) -> dict:
+        cos = cosine_similarity(x, centres)
+        column = torch.full((self.end - self.start,), -1, dtype=torch.long, device=x.device)
+        column[index] = torch.arange(len(index), device=x.device)
+        local = y - self.start
+        mine = (local >= 0) & (local < self.end - self.start)
+        target = torch.where(mine, column[local.clamp(0, self.end - self.start - 1)], -1)
+        at = target.clamp(min=0)[:, None]
+        cos_target = cos.gather(1, at)
+        margin = torch.where((target >= 0)[:, None], self.psi(cos_target), cos_target)
+        logits = self.s * cos
+        margin_logits = logits.scatter(1, at, self.s * margin)
+        loss, probs = DistributedCrossEntropy.apply(margin_logits, target)
+        own = slice(self.rank * rows, (self.rank + 1) * rows) if self.world > 1 else slice(None)
+        preds = self._argmax(logits.detach(), index)[own]
+        margin_preds = self._argmax(margin_logits.detach(), index)[own]
+        return {"loss": loss, "preds": preds, "margin_preds": margin_preds, "probs": probs, "index": index}
+
+    def _argmax(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The global class id of each row's largest logit over all ranks' columns (ties: the lowest id)."""
+        best, column = logits.max(1)
+        ids = index[column] + self.start
+        if self.world > 1:
+            top = best.clone()
+            dist.all_reduce(top, dist.ReduceOp.MAX)
+            ids = torch.where(best == top, ids, torch.full_like(ids, self.num_classes))
+            dist.all_reduce(ids, dist.ReduceOp.MIN)
+        return ids
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Inference logits s·cos θ over this rank's centres (all of them on one process)."""
+        return self.s * cosine_similarity(embeddings, self.weight)
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return cosine_similarity(embeddings, self.weight)
+
+    def extra_repr(self) -> str:
+        rows = f"rows [{self.start}, {self.end}) of {self.num_classes}" if self.world > 1 else "not sharded"
+        return f"{self.margin_repr}, sample_rate={self.sample_rate}, sharded={self.sharded} ({rows})"

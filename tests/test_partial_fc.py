@@ -1,0 +1,248 @@
+"""Partial FC (partial_fc.py) against the single-process full head, on CPU processes over gloo.
+
+The oracle is heads.ArcFaceHead + F.cross_entropy on the whole global batch in one process. Cosines are float32 by
+design (heads.cosine_similarity), so both sides differ only by float32 summation order (the softmax's sums are
+split over ranks): the tolerance is 1e-5 absolute on the loss and the weights after three SGD steps, 1e-6 on
+softmax values and gradients (whose entries are of order 1/batch). Each rank holds a slice of the centres (11
+classes: uneven over 2 and 3 ranks) and a quarter/third of the batch. Then a backbone in DDP with the sharded head
+trains ten SGD steps and ends at the single-process run's weights. Through Lightning: a 2-rank run's checkpoint
+holds the whole matrix, evaluates on one process to the same test numbers, and resumes on 1 and 3 ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arcface_lightning.heads import ArcFaceHead, CosFaceHead
+from arcface_lightning.partial_fc import PartialFC, shard_bounds
+from arcface_lightning.runs import run
+
+C, E, B = 11, 6, 4  # classes, embedding size, rows per rank
+TOL = dict(rtol=0, atol=1e-6)
+LOSS_TOL = dict(rtol=0, atol=1e-5)
+
+
+def problem(world: int) -> tuple[ArcFaceHead, torch.Tensor, torch.Tensor]:
+    """The same head, global batch and labels in every process."""
+    torch.manual_seed(0)
+    head = ArcFaceHead(E, C, s=8.0, m=0.4)
+    x = torch.randn(world * B, E)
+    y = torch.randint(0, C, (world * B,))
+    return head, x, y
+
+
+def oracle(head: ArcFaceHead, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int) -> dict:
+    """Single process, full head: loss, softmax, gradients (of embeddings and centres), then weights after SGD."""
+    head = copy.deepcopy(head)
+    x = x.clone().requires_grad_()
+    margin_logits, logits = head.training_logits(x, y)
+    loss = F.cross_entropy(margin_logits, y)
+    loss.backward()
+    out = {"loss": loss.detach(), "probs": margin_logits.softmax(1).detach(), "x_grad": x.grad.clone()}
+    out.update(w_grad=head.weight.grad.clone(), preds=logits.argmax(1))
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
+    head.zero_grad()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(head(x.detach(), y), y).backward()
+        optimizer.step()
+    out["weight"] = head.weight.detach().clone()
+    return out
+
+
+def with_placeholder(pfc: PartialFC, lr: float) -> torch.optim.Optimizer:
+    """The optimiser as module.configure_optimizers sets it up: the centres' group holds each step's rows."""
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(0, E))], lr=lr, momentum=0.9)
+
+
+def one_rank(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        head, x, y = problem(world)
+        expected = oracle(head, x, y, lr=0.5, steps=3)
+        pfc = PartialFC(copy.deepcopy(head), sample_rate=1.0, sharded=True)
+        assert pfc.shard() and (pfc.start, pfc.end) == shard_bounds(C, rank, world)
+        rows = slice(rank * B, (rank + 1) * B)
+        local_x = x[rows].clone().requires_grad_()
+        out = pfc(local_x, y[rows])
+        out["loss"].backward()
+        torch.testing.assert_close(out["loss"].detach(), expected["loss"], **LOSS_TOL)
+        torch.testing.assert_close(out["probs"], expected["probs"][:, pfc.start : pfc.end], **TOL)
+        # the embeddings' gradient carries the world size (DDP averages the backbone's): see partial_fc.py
+        torch.testing.assert_close(local_x.grad / world, expected["x_grad"][rows], **TOL)
+        torch.testing.assert_close(pfc.sampled.grad, expected["w_grad"][pfc.start : pfc.end], **TOL)
+        assert torch.equal(out["preds"], expected["preds"][rows])
+        # three SGD steps with momentum through attach / write_back: the gathered centres equal the oracle's
+        pfc.sampled = None
+        optimizer = with_placeholder(pfc, lr=0.5)
+        for _ in range(3):
+            optimizer.zero_grad()
+            pfc(x[rows], y[rows])["loss"].backward()
+            pfc.attach(optimizer)
+            optimizer.step()
+            pfc.write_back(optimizer)
+        torch.testing.assert_close(pfc.full(pfc.weight.detach()), expected["weight"], **LOSS_TOL)
+        train_with_a_backbone(rank, world)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+class Whole(torch.nn.Module):
+    """A backbone and a Partial FC head in one DDP-wrapped module, as ArcFaceModule is under Lightning."""
+
+    def __init__(self, backbone: torch.nn.Module, head: PartialFC) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self._ddp_params_and_buffers_to_ignore = ["head.weight"]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x), y)["loss"]
+
+
+def train_with_a_backbone(rank: int, world: int, steps: int = 10) -> None:
+    """Ten steps of SGD (momentum, Nesterov, weight decay) of a DDP backbone with the sharded head against one
+    process training the same backbone and full head on the whole global batch: the same weights (1e-5)."""
+    torch.manual_seed(1)
+    backbone = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, E))
+    head = ArcFaceHead(E, C, s=30.0, m=0.5)
+    batches = [(torch.randn(world * B, 20), torch.randint(0, C, (world * B,))) for _ in range(steps)]
+    settings = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    ref_backbone, ref_head = copy.deepcopy(backbone), copy.deepcopy(head)
+    ref = torch.optim.SGD([*ref_backbone.parameters(), *ref_head.parameters()], **settings)
+    for x, y in batches:
+        ref.zero_grad()
+        F.cross_entropy(ref_head(ref_backbone(x), y), y).backward()
+        ref.step()
+    pfc = PartialFC(head, sharded=True)
+    pfc.shard()
+    model = torch.nn.parallel.DistributedDataParallel(Whole(backbone, pfc))
+    placeholder = torch.nn.Parameter(torch.zeros(0, E))
+    optimizer = torch.optim.SGD([{"params": list(backbone.parameters())}, {"params": [placeholder]}], **settings)
+    rows = slice(rank * B, (rank + 1) * B)
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = model(x[rows], y[rows])
+        pfc.attach(optimizer)
+        loss.backward()
+        optimizer.step()
+        pfc.write_back(optimizer)
+    for mine, theirs in zip(backbone.parameters(), ref_backbone.parameters(), strict=True):
+        torch.testing.assert_close(mine.detach(), theirs.detach(), **LOSS_TOL)
+    torch.testing.assert_close(pfc.full(pfc.weight.detach()), ref_head.weight.detach(), **LOSS_TOL)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_head_equals_the_single_process_head(world: int) -> None:
+    port = 29700 + os.getpid() % 200 + world
+    torch.multiprocessing.spawn(one_rank, args=(world, port), nprocs=world)
+
+
+def test_one_process_at_rate_one_is_the_full_head() -> None:
+    head, x, y = problem(1)
+    expected = oracle(head, x, y, lr=0.5, steps=0)
+    pfc = PartialFC(copy.deepcopy(head), sample_rate=1.0, sharded="auto")
+    assert not pfc.shard()  # no process group: nothing to shard
+    x = x.clone().requires_grad_()
+    out = pfc(x, y)
+    out["loss"].backward()
+    torch.testing.assert_close(out["loss"].detach(), expected["loss"], **LOSS_TOL)
+    torch.testing.assert_close(x.grad, expected["x_grad"], **TOL)
+    torch.testing.assert_close(pfc.sampled.grad, expected["w_grad"], **TOL)
+
+
+def test_sampling_keeps_every_positive_and_leaves_other_rows_and_their_state_bit_unchanged() -> None:
+    torch.manual_seed(1)
+    classes, batch = 200, 16
+    pfc = PartialFC(CosFaceHead(E, classes, s=16.0, m=0.2), sample_rate=0.1)
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(0, E))], lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x, y = torch.randn(batch, E), torch.randint(0, classes, (batch,))
+        before = pfc.weight.detach().clone()
+        states = {n: v.clone() for n, v in pfc.optimizer_state.items()}
+        optimizer.zero_grad()
+        out = pfc(x, y, generator)
+        index = out["index"]
+        assert len(index) == max(20, batch) and set(y.tolist()) <= set(index.tolist())  # ⌈0.1·200⌉ = 20 ≥ 16
+        out["loss"].backward()
+        pfc.attach(optimizer)
+        optimizer.step()
+        pfc.write_back(optimizer)
+        untouched = torch.ones(classes, dtype=torch.bool)
+        untouched[index] = False
+        assert torch.equal(pfc.weight.detach()[untouched], before[untouched])
+        assert not torch.equal(pfc.weight.detach()[index], before[index])
+        for name, old in states.items():  # Adam's moments of rows not sampled do not decay (step: one count)
+            if old.ndim:
+                assert torch.equal(pfc.optimizer_state[name][untouched], old[untouched]), (step, name)
+    assert set(pfc.optimizer_state) == {"exp_avg", "exp_avg_sq", "step"}
+    assert {"state_exp_avg", "state_exp_avg_sq", "state_step"} <= set(pfc.state_dict())
+
+
+def test_a_softmax_head_cannot_be_sampled_and_bad_rates_are_refused() -> None:
+    from arcface_lightning.checks import BadValue
+    from arcface_lightning.heads import SoftmaxHead
+
+    with pytest.raises(BadValue, match="PartialFC: head='SoftmaxHead' is invalid; allowed: a margin head"):
+        PartialFC(SoftmaxHead(E, C), sample_rate=0.5)
+    with pytest.raises(BadValue, match=r"sample_rate=0 is invalid; allowed: 0 < sample_rate ≤ 1"):
+        PartialFC(ArcFaceHead(E, C), sample_rate=0)
+
+
+SHARDED = ["head.sharded=true", "head.sample_rate=0.5", "data.batch_size=4", "optimizer=sgd", "scheduler=cosine"]
+
+
+def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ranks(mnist_root, tmp_path) -> None:
+    """2 gloo ranks, sharded centres sampled at 0.5 (batch 4 of 10 classes: 5 centres a step): the checkpoint holds
+    the full 10 × 16 matrix and its momentum; one process evaluates it to the DDP run's own test numbers (the
+    prediction was an argmax across ranks); the run resumes on 1 process and on 3 ranks and its metrics go on.
+    (scheduler=cosine: OneCycle's step count is fixed by the first run's world size.)"""
+    from arcface_lightning.evaluate import evaluate
+    from arcface_lightning.train import train
+    from conftest import TINY, cli, compose_config, tiny_config
+
+    first = tmp_path / "two"
+    common = [f"paths.data_dir={mnist_root}", *TINY, *SHARDED, "logger=csv"]
+    result = cli("train", f"hydra.run.dir={first}", *common, "trainer=ddp_cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((first / "metrics.json").read_text())
+    assert record["status"] == "ok" and record["world_size"] == 2
+    saved = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert saved["head.weight"].shape == saved["head.state_momentum_buffer"].shape == (10, 16)
+    where = [f"paths.data_dir={mnist_root}", "data.download=false", "trainer=cpu", "logger=csv"]
+    cfg = compose_config(f"ckpt_path={record['best_checkpoint']}", *where, config_name="eval")
+    cfg.paths.output_dir = str(tmp_path / "eval")
+    single = run(evaluate, cfg)
+    for key in ("test/acc", "test/acc_margin", "test/precision_at_1", "test/map_at_r"):  # as test_scale's DDP test
+        assert single[key] == pytest.approx(record[key], abs=1e-6), key
+
+    one = tmp_path / "one"
+    shutil.copytree(first, one)
+    resumed = run(
+        train,
+        tiny_config(
+            mnist_root,
+            one,
+            "experiment=mnist_default",
+            *SHARDED,
+            "logger=csv",
+            "trainer.max_epochs=2",
+            "ckpt_path=last",
+        ),
+    )
+    three = tmp_path / "three"
+    shutil.copytree(first, three)
+    result = cli("train", f"hydra.run.dir={three}", *common, "trainer=ddp_cpu", "trainer.devices=3",
+                 "trainer.max_epochs=2", "ckpt_path=last")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for continued in (resumed, json.loads((three / "metrics.json").read_text())):
+        assert continued["status"] == "ok" and continued["epochs"] == 2, continued
+        assert continued["val/acc_best"] >= record["val/acc_best"] and continued["test/acc"] > 0.5
