@@ -96,11 +96,19 @@ class EmbeddingFigures(L.Callback):
             self._log_test(trainer, pl_module, embeddings.float().cpu(), labels.cpu())
         self._thumbnails = []
 
+    @staticmethod
+    def _centres(pl_module: L.LightningModule) -> torch.Tensor | None:
+        """The head's class centres; None for identities the head never learnt (held-out classes: no centre) and
+        for centres sharded across ranks (Partial FC: each rank holds a slice, and only rank zero draws)."""
+        if getattr(pl_module, "held_out_classes", False) or getattr(pl_module.head, "world", 1) > 1:
+            return None
+        return pl_module.head.weight.detach().float().cpu()
+
     def _log_angles(self, trainer, pl_module, stage: str, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        if getattr(pl_module, "held_out_classes", False):  # identities the head never learnt have no centre
+        centres = self._centres(pl_module)
+        if centres is None:
             return
         writer, step = self._writer(trainer), trainer.global_step
-        centres = pl_module.head.weight.detach().float().cpu()
         own, nearest_other = class_angles(embeddings, labels, centres)
         writer.add_figure(f"{stage}/angles", angle_figure(own, nearest_other, centres), step)
         writer.add_histogram(f"{stage}/angle_to_own_centre", own, step)
@@ -122,8 +130,9 @@ class EmbeddingFigures(L.Callback):
             tag="test/embeddings",
         )
         self._log_angles(trainer, pl_module, "test", embeddings, labels)
-        if embeddings.shape[1] in (2, 3) and not getattr(pl_module, "held_out_classes", False):
-            figure = sphere_figure(embeddings, labels, pl_module.head.weight.detach().float().cpu())
+        centres = self._centres(pl_module)
+        if embeddings.shape[1] in (2, 3) and centres is not None:
+            figure = sphere_figure(embeddings, labels, centres)
             figure.savefig(Path(trainer.default_root_dir) / "sphere.png")
             writer.add_figure("test/sphere", figure, trainer.global_step)
 

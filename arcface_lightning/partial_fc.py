@@ -30,6 +30,7 @@ them), so a run saved on N ranks resumes on M, and evaluate/export load it on on
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -124,7 +125,12 @@ class PartialFC(nn.Module):
             )
         check_number("PartialFC", "sample_rate", sample_rate, "0 < sample_rate ≤ 1", lambda v: 0 < v <= 1)
         check_choice("PartialFC", "sharded", sharded, (True, False, "auto"))
-        self.s, self.psi = margin.s, margin.psi  # a bound method: the margin head itself is not a submodule
+        # the margin's constants only: a reference to the margin head (or its bound psi) would keep its full C × E
+        # matrix alive on every rank after shard()
+        self.s = margin.s
+        self.margin = SimpleNamespace(
+            **{k: getattr(margin, k) for k in ("m1", "m2", "m3", "theta_max", "fallback_shift")}
+        )
         self.embedding_size, self.num_classes = margin.embedding_size, margin.num_classes
         self.sample_rate, self.sharded = float(sample_rate), sharded
         self.weight = margin.weight
@@ -136,6 +142,10 @@ class PartialFC(nn.Module):
         # and loaded as `state_<name>` entries of the state dict (_save_to_state_dict, _load_from_state_dict).
         self.optimizer_state: dict[str, torch.Tensor] = {}
         self.margin_repr = repr(margin)
+
+    def psi(self, cos_target: torch.Tensor) -> torch.Tensor:
+        """The margin head's ψ (heads.CombinedMarginHead.psi), with its constants."""
+        return CombinedMarginHead.psi(self.margin, cos_target)
 
     # -- sharding and the centres' optimiser state ------------------------------------------------------------
     def shard(self) -> bool:
@@ -188,8 +198,10 @@ class PartialFC(nn.Module):
         group["params"][0] = self.sampled
         device = self.weight.device
         self.optimizer_state = {name: value.to(device) for name, value in self.optimizer_state.items()}
+        every_row = self.sampled is self.weight  # then the state itself, stepped in place
         state = {
-            name: value[self._index] if value.ndim else value.clone() for name, value in self.optimizer_state.items()
+            name: value if every_row else value[self._index] if value.ndim else value.clone()
+            for name, value in self.optimizer_state.items()
         }
         if state:
             optimizer.state[self.sampled] = state
@@ -199,13 +211,18 @@ class PartialFC(nn.Module):
         """After the optimiser step: the sampled rows and their new optimiser state into the sharded tensors."""
         if self.sampled is None:
             return
-        self.weight[self._index] = self.sampled.detach()
+        if self.sampled is not self.weight:
+            self.weight[self._index] = self.sampled.detach()
         for name, value in optimizer.state.pop(self.sampled, {}).items():
             if not torch.is_tensor(value):
                 continue
+            if name not in self.optimizer_state and self.sampled is self.weight:  # made for all rows: keep it
+                self.optimizer_state[name] = value
             if name not in self.optimizer_state:
                 shape = (len(self.weight), *value.shape[1:]) if value.ndim else ()
                 self.optimizer_state[name] = torch.zeros(shape, dtype=value.dtype, device=value.device)
+            if value is self.optimizer_state[name]:
+                continue
             if value.ndim:
                 self.optimizer_state[name][self._index] = value
             else:
@@ -241,7 +258,9 @@ class PartialFC(nn.Module):
         check_labels(labels, self.num_classes)
         x, y = self.gather(embeddings, labels)
         self._index = self.sample(y, generator)
-        self.sampled = nn.Parameter(self.weight.detach()[self._index])
+        every_row = len(self._index) == len(self.weight)  # rate 1 (or few rows): the centres themselves, no copy
+        self.weight.grad = None  # one backward per optimiser step (the module refuses gradient accumulation)
+        self.sampled = self.weight if every_row else nn.Parameter(self.weight.detach()[self._index])
         return self._loss(x, y, self.sampled, self._index, embeddings.shape[0])
 
     @torch.no_grad()

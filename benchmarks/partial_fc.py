@@ -1,0 +1,200 @@
+"""Partial FC (arcface_lightning/partial_fc.py) against the plain full head: the FC layer alone, no backbone.
+
+Embeddings are random float32 (E = 512, requiring grad), labels random over C classes, 128 rows per process; the
+margin is ArcFaceHead(s=64, m=0.5); the centres step with SGD(lr=0.1, momentum=0.9, weight_decay=5e-4). Per C:
+  (a) 1 process, the full head: ArcFaceHead + F.cross_entropy, SGD over head.parameters() (momentum included);
+  (b) 1 process, PartialFC(sample_rate=0.1);
+  (c) 2 gloo processes (spawn), PartialFC(sharded=True, sample_rate=1.0), global batch 256;
+  (d) the same at sample_rate=0.1.
+PartialFC is driven as module.py and tests/test_partial_fc.py drive it: shard() once the group exists, an SGD
+whose last group holds a placeholder, attach() before backward, write_back() after the step. Each configuration
+runs in fresh processes (torch.multiprocessing.spawn): the peak RSS (ru_maxrss) is its own, reported as growth
+over the RSS right after the imports (and the process group). Threads: 2 for one process, 1 each for two (2
+cores). Step = forward + backward + optimiser step + write_back; median over the timed steps after the warm-up;
+for (c)/(d) a step is the global batch of 256, so images/s compares across rows. Logits memory is computed, not
+measured: one (global batch × sampled centres) float32 matrix (the step holds several such at once).
+
+Then the largest C each way: (a) and (d) at --large C values. A configuration whose computed working set exceeds
+the guard (20 GiB over all its processes, less if less memory is available) is not started; a started one runs
+under RLIMIT_AS (address space: the guard's share over what the process mapped before the model), so it fails
+with an allocation error instead of waking the OOM killer.
+
+    python benchmarks/partial_fc.py                                  # C = 10k, 100k, 1M; then 2M, 4M, 8M
+    python benchmarks/partial_fc.py --classes 10000 --large          # quick: no largest-C search
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import socket
+import time
+import traceback
+from statistics import median
+
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from common import machine
+
+from arcface_lightning.heads import ArcFaceHead
+from arcface_lightning.partial_fc import PartialFC
+
+E, B, GIB = 512, 128, 2**30
+SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+CONFIGS = {"a": ("full", 1.0, 1), "b": ("pfc", 0.1, 1), "c": ("pfc", 1.0, 2), "d": ("pfc", 0.1, 2)}
+
+
+def sampled(classes: int, rate: float, world: int) -> int:
+    """Centres a rank steps on (partial_fc.PartialFC.sample): k = max(⌈rate · C_r⌉, global batch), at most C_r."""
+    rows = -(-classes // world)
+    return min(rows, max(math.ceil(rate * rows), B * world))
+
+
+def working_set(kind: str, classes: int, rate: float, world: int) -> int:
+    """Bytes per process from the shapes: what the step holds at its peak, counted tensor by tensor.
+    Full head: weight, momentum, weight.grad, normalize()'s quotient and output and the backward's two C×E
+    temporaries (6 C×E), plus 4 (B × C) logits-sized matrices. PartialFC: the margin head's full C×E matrix (built
+    on every rank, and kept by PartialFC through the margin's bound psi), this rank's rows and their momentum, the
+    same 6 tensors over the k sampled rows, and 4 (global batch × k) matrices."""
+    row, k = 4 * E, sampled(classes, rate, world)
+    if kind == "full":
+        return 6 * classes * row + 4 * B * classes * 4
+    return classes * row + 2 * -(-classes // world) * row + 6 * k * row + 4 * B * world * k * 4
+
+
+def rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def mapped() -> int:
+    return int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def one_rank(rank: int, kind: str, classes: int, rate: float, world: int, steps: int, warmup: int, share: int,
+             port: int, queue) -> None:  # fmt: skip
+    torch.set_num_threads(max(1, 2 // world))
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    base = rss()
+    resource.setrlimit(resource.RLIMIT_AS, (mapped() + share, resource.RLIM_INFINITY))
+    try:
+        torch.manual_seed(rank)
+        head = ArcFaceHead(E, classes, s=64.0, m=0.5)
+        batches = [(torch.randn(B, E), torch.randint(0, classes, (B,))) for _ in range(3)]
+        if kind == "full":
+            optimizer = torch.optim.SGD(head.parameters(), **SGD)
+        else:
+            head = PartialFC(head, sample_rate=rate, sharded=world > 1)
+            head.shard()
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(0, E))], **SGD)  # the centres' group
+        times = []
+        for step in range(warmup + steps):
+            x, y = batches[step % len(batches)]
+            x = x.clone().requires_grad_()
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            if kind == "full":
+                F.cross_entropy(head(x, y), y).backward()
+                optimizer.step()
+            else:
+                loss = head(x, y)["loss"]
+                head.attach(optimizer)
+                loss.backward()
+                optimizer.step()
+                head.write_back(optimizer)
+            times.append(time.perf_counter() - start)
+        if kind == "full":
+            state = [head.weight, *optimizer.state[head.weight].values()]
+        else:
+            state = [head.weight, *head.optimizer_state.values()]
+        kept = head.psi.__self__.weight if kind == "pfc" and head.world > 1 else None
+        result = dict(state=sum(t.nbytes for t in state), kept=0 if kept is None else kept.nbytes,
+                      rss=rss() - base, step=median(times[warmup:]))  # fmt: skip
+    except Exception as error:  # the guard's allocation failure, reported instead of raised
+        result = dict(error=f"{type(error).__name__}: {str(error).splitlines()[0][:120]}")
+        traceback.print_exc()
+    queue.put((rank, result))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def measure(kind: str, classes: int, rate: float, world: int, steps: int, warmup: int, guard: int) -> dict:
+    need = working_set(kind, classes, rate, world)
+    if need * world > guard:
+        return dict(error=f"does not fit: needs {need / GIB:.1f} GiB × {world} process(es)", need=need)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    args = (kind, classes, rate, world, steps, warmup, guard // world, port, queue)
+    try:
+        mp.spawn(one_rank, args=args, nprocs=world)
+    except mp.ProcessExitedException as error:  # killed: nothing to read from the queue
+        return dict(error=f"killed ({error})", need=need)
+    ranks = dict(queue.get() for _ in range(world))
+    errors = [r["error"] for r in ranks.values() if "error" in r]
+    if errors:
+        return dict(error=errors[0], need=need)
+    worst = {key: max(r[key] for r in ranks.values()) for key in ("state", "kept", "rss", "step")}
+    return {**worst, "need": need}
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def row(label: str, classes: int, rate: float, world: int, r: dict, ref: dict | None) -> str:
+    logits = B * world * sampled(classes, rate, world) * 4
+    if "error" in r:
+        return f"| {label} | {classes:,} | {rate} | {world} | {gib(r['need'])} | — | — | {gib(logits)} | {r['error']} |"
+    speed = B * world / r["step"]
+    versus = f"{speed / (B / ref['step']):.2f}× img/s, {r['rss'] / ref['rss']:.2f}× RSS" if ref else "—"
+    return (
+        f"| {label} | {classes:,} | {rate} | {world} | {gib(r['need'])} | {gib(r['state'])} | {gib(r['kept'])} "
+        f"| {gib(logits)} | {gib(r['rss'])} | {r['step'] * 1e3:.0f} ms | {speed:.0f} | {versus} |"
+    )
+
+
+HEADER = (
+    "| config | C | rate | procs | working set / proc (computed) | centres + momentum / proc | full C×E kept by "
+    "margin / proc | logits / proc (computed) | peak RSS growth / proc (measured) | step (median) | images/s "
+    "| vs (a), same C |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--large", type=int, nargs="*", default=[2_000_000, 4_000_000, 8_000_000])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--large-steps", type=int, default=2, help="timed steps (after 1 warm-up) at --large C")
+    parser.add_argument("--slow-steps", type=int, default=3, help="timed steps of (a) from C = 1M on")
+    parser.add_argument("--guard-gib", type=float, default=20.0)
+    args = parser.parse_args()
+    available = int(next(x for x in open("/proc/meminfo") if x.startswith("MemAvailable")).split()[1]) * 1024
+    guard = int(min(args.guard_gib * GIB, available - GIB))
+    print(f"machine: {machine()}; date {time.strftime('%Y-%m-%d')}; guard {gib(guard)} over all processes "
+          f"(MemAvailable {gib(available)})\n\n{HEADER}", flush=True)  # fmt: skip
+    for classes in args.classes:
+        ref = None
+        for label, (kind, rate, world) in CONFIGS.items():
+            steps = args.slow_steps if kind == "full" and classes >= 1_000_000 else args.steps
+            r = measure(kind, classes, rate, world, steps, args.warmup, guard)
+            print(row(f"({label}) {steps} steps", classes, rate, world, r, ref), flush=True)
+            ref = ref or (r if "error" not in r else None)
+    if args.large:
+        print(f"\nlargest C: (a) and (d), 1 warm-up + {args.large_steps} timed steps each\n\n{HEADER}", flush=True)
+        for label in ("a", "d"):
+            kind, rate, world = CONFIGS[label]
+            for classes in args.large:
+                r = measure(kind, classes, rate, world, args.large_steps, 1, guard)
+                print(row(f"({label})", classes, rate, world, r, None), flush=True)
+
+
+if __name__ == "__main__":
+    main()
