@@ -56,13 +56,16 @@ def sampled(classes: int, rate: float, world: int) -> int:
 def working_set(kind: str, classes: int, rate: float, world: int) -> int:
     """Bytes per process from the shapes: what the step holds at its peak, counted tensor by tensor.
     Full head: weight, momentum, weight.grad, normalize()'s quotient and output and the backward's two C×E
-    temporaries (6 C×E), plus 4 (B × C) logits-sized matrices. PartialFC: the margin head's full C×E matrix (built
-    on every rank, and kept by PartialFC through the margin's bound psi), this rank's rows and their momentum, the
-    same 6 tensors over the k sampled rows, and 4 (global batch × k) matrices."""
+    temporaries (6 C×E), plus 4 (B × C) logits-sized matrices. PartialFC: the margin head's full C×E matrix exists
+    on every rank until shard() keeps this rank's rows (a peak at start); then the rows and their momentum, the
+    sampled rows' copy, gradient and normalize() temporaries (4 k×E; no copy when every row is sampled), and 4
+    (global batch × k) matrices."""
     row, k = 4 * E, sampled(classes, rate, world)
     if kind == "full":
         return 6 * classes * row + 4 * B * classes * 4
-    return classes * row + 2 * -(-classes // world) * row + 6 * k * row + 4 * B * world * k * 4
+    rows = -(-classes // world)
+    steady = 2 * rows * row + (4 if k == rows else 5) * k * row + 4 * B * world * k * 4
+    return max(classes * row + rows * row, steady)
 
 
 def rss() -> int:
@@ -111,9 +114,7 @@ def one_rank(rank: int, kind: str, classes: int, rate: float, world: int, steps:
             state = [head.weight, *optimizer.state[head.weight].values()]
         else:
             state = [head.weight, *head.optimizer_state.values()]
-        kept = head.psi.__self__.weight if kind == "pfc" and head.world > 1 else None
-        result = dict(state=sum(t.nbytes for t in state), kept=0 if kept is None else kept.nbytes,
-                      rss=rss() - base, step=median(times[warmup:]))  # fmt: skip
+        result = dict(state=sum(t.nbytes for t in state), rss=rss() - base, step=median(times[warmup:]))
     except Exception as error:  # the guard's allocation failure, reported instead of raised
         result = dict(error=f"{type(error).__name__}: {str(error).splitlines()[0][:120]}")
         traceback.print_exc()
@@ -139,7 +140,7 @@ def measure(kind: str, classes: int, rate: float, world: int, steps: int, warmup
     errors = [r["error"] for r in ranks.values() if "error" in r]
     if errors:
         return dict(error=errors[0], need=need)
-    worst = {key: max(r[key] for r in ranks.values()) for key in ("state", "kept", "rss", "step")}
+    worst = {key: max(r[key] for r in ranks.values()) for key in ("state", "rss", "step")}
     return {**worst, "need": need}
 
 
@@ -150,19 +151,19 @@ def gib(n: float) -> str:
 def row(label: str, classes: int, rate: float, world: int, r: dict, ref: dict | None) -> str:
     logits = B * world * sampled(classes, rate, world) * 4
     if "error" in r:
-        return f"| {label} | {classes:,} | {rate} | {world} | {gib(r['need'])} | — | — | {gib(logits)} | {r['error']} |"
+        return f"| {label} | {classes:,} | {rate} | {world} | {gib(r['need'])} | — | {gib(logits)} | {r['error']} |"
     speed = B * world / r["step"]
     versus = f"{speed / (B / ref['step']):.2f}× img/s, {r['rss'] / ref['rss']:.2f}× RSS" if ref else "—"
     return (
-        f"| {label} | {classes:,} | {rate} | {world} | {gib(r['need'])} | {gib(r['state'])} | {gib(r['kept'])} "
+        f"| {label} | {classes:,} | {rate} | {world} | {gib(r['need'])} | {gib(r['state'])} "
         f"| {gib(logits)} | {gib(r['rss'])} | {r['step'] * 1e3:.0f} ms | {speed:.0f} | {versus} |"
     )
 
 
 HEADER = (
-    "| config | C | rate | procs | working set / proc (computed) | centres + momentum / proc | full C×E kept by "
-    "margin / proc | logits / proc (computed) | peak RSS growth / proc (measured) | step (median) | images/s "
-    "| vs (a), same C |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    "| config | C | rate | procs | working set / proc (computed) | centres + momentum / proc "
+    "| logits / proc (computed) | peak RSS growth / proc (measured) | step (median) | images/s "
+    "| vs (a), same C |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
 )
 
 

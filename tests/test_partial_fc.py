@@ -197,14 +197,15 @@ def test_a_softmax_head_cannot_be_sampled_and_bad_rates_are_refused() -> None:
         PartialFC(ArcFaceHead(E, C), sample_rate=0)
 
 
-SHARDED = ["head.sharded=true", "head.sample_rate=0.5", "data.batch_size=4", "optimizer=sgd", "scheduler=cosine"]
+SHARDED = ["head.sharded=true", "head.sample_rate=0.5", "data.batch_size=8", "optimizer=sgd", "scheduler=cosine"]
 
 
 def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ranks(mnist_root, tmp_path) -> None:
-    """2 gloo ranks, sharded centres sampled at 0.5 (batch 4 of 10 classes: 5 centres a step): the checkpoint holds
-    the full 10 × 16 matrix and its momentum; one process evaluates it to the DDP run's own test numbers (the
-    prediction was an argmax across ranks); the run resumes on 1 process and on 3 ranks and its metrics go on.
-    (scheduler=cosine: OneCycle's step count is fixed by the first run's world size.)"""
+    """2 gloo ranks, sharded centres (10 classes: a global batch of 16 samples every row, so the sampled-row path
+    is the unit tests' above): the checkpoint holds the full 10 × 16 matrix and its momentum; one process evaluates
+    it to the DDP run's own test numbers (the prediction was an argmax across ranks); the run resumes on 1 process
+    and on 3 ranks and its metrics go on. (scheduler=cosine: OneCycle's step count is fixed by the first run's
+    world size.)"""
     from arcface_lightning.evaluate import evaluate
     from arcface_lightning.train import train
     from conftest import TINY, cli, compose_config, tiny_config
