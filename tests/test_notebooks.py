@@ -26,7 +26,7 @@ NUMBER_LINE = re.compile(r"^(\S+)((?:\s+-?\d+\.\d+)+)$")  # "name  0.9876  0.543
 
 def execute(name: str, monkeypatch: pytest.MonkeyPatch, **env: str | Path) -> nbformat.NotebookNode:
     """Run notebooks/<name> in a fresh kernel with `env` set; a failing cell raises CellExecutionError."""
-    for key in ("ARCFACE_CKPT", "ARCFACE_NOTEBOOK_QUICK"):  # none from the shell: the test says what it runs
+    for key in ("ARCFACE_CKPT", "ARCFACE_NOTEBOOK_QUICK", "ARCFACE_NOTEBOOK_EPOCHS"):  # the test says what it runs
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, str(value))
@@ -146,16 +146,28 @@ def test_embeddings_of_a_given_checkpoint(trained, tmp_path: Path, monkeypatch: 
 @pytest.mark.real_data
 @pytest.mark.skipif(not HAS_MNIST, reason="ARCFACE_DATA_DIR has no MNIST/raw")
 def test_quickstart_on_real_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    notebook = execute("01_quickstart.ipynb", monkeypatch, ARCFACE_DATA_DIR=DATA_DIR, ARCFACE_NOTEBOOK_OUT=tmp_path)
+    notebook = execute(  # one epoch (the notebook's default is 2): the suite's time budget
+        "01_quickstart.ipynb",
+        monkeypatch,
+        ARCFACE_DATA_DIR=DATA_DIR,
+        ARCFACE_NOTEBOOK_OUT=tmp_path,
+        ARCFACE_NOTEBOOK_EPOCHS=1,
+    )
     written = check_quickstart(notebook, tmp_path)
-    assert written["epochs"] == 2 and written["test/acc"] >= 0.98
+    assert written["epochs"] == 1 and written["test/acc"] >= 0.98
     assert written["test/acc_margin"] < written["test/acc"]
 
 
 @pytest.mark.real_data
 @pytest.mark.skipif(not HAS_MNIST, reason="ARCFACE_DATA_DIR has no MNIST/raw")
 def test_embeddings_on_real_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    notebook = execute("02_embeddings.ipynb", monkeypatch, ARCFACE_DATA_DIR=DATA_DIR, ARCFACE_NOTEBOOK_OUT=tmp_path)
+    notebook = execute(
+        "02_embeddings.ipynb",
+        monkeypatch,
+        ARCFACE_DATA_DIR=DATA_DIR,
+        ARCFACE_NOTEBOOK_OUT=tmp_path,
+        ARCFACE_NOTEBOOK_EPOCHS=1,
+    )
     written = json.loads(only(list(tmp_path.glob("02_embeddings/*/metrics.json"))).read_text())
     shown = check_embeddings(notebook, written, sphere=True)
     assert shown["test/acc"][0] >= 0.97  # digits 0–4 in 3-D
