@@ -146,15 +146,17 @@ def test_embeddings_of_a_given_checkpoint(trained, tmp_path: Path, monkeypatch: 
 @pytest.mark.real_data
 @pytest.mark.skipif(not HAS_MNIST, reason="ARCFACE_DATA_DIR has no MNIST/raw")
 def test_quickstart_on_real_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    notebook = execute(  # one epoch (the notebook's default is 2): the suite's time budget
+    """The notebook's small settings (a 4-8 channel CNN, one epoch) on all of real MNIST: the suite's time budget;
+    the default recipe on real MNIST is test_real_data.py's and the notebook's own default run."""
+    notebook = execute(
         "01_quickstart.ipynb",
         monkeypatch,
         ARCFACE_DATA_DIR=DATA_DIR,
         ARCFACE_NOTEBOOK_OUT=tmp_path,
-        ARCFACE_NOTEBOOK_EPOCHS=1,
+        ARCFACE_NOTEBOOK_QUICK=1,
     )
     written = check_quickstart(notebook, tmp_path)
-    assert written["epochs"] == 1 and written["test/acc"] >= 0.98
+    assert written["epochs"] == 1 and written["test/acc"] >= 0.95
     assert written["test/acc_margin"] < written["test/acc"]
 
 

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from arcface_lightning.heads import ArcFaceHead, CosFaceHead
 from arcface_lightning.partial_fc import PartialFC, shard_bounds
-from arcface_lightning.runs import run
 
 C, E, B = 11, 6, 4  # classes, embedding size, rows per rank
 TOL = dict(rtol=0, atol=1e-6)
@@ -206,7 +205,8 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
     it to the DDP run's own test numbers (the prediction was an argmax across ranks); the run resumes on 1 process
     and on 3 ranks and its metrics go on. (scheduler=cosine: OneCycle's step count is fixed by the first run's
     world size.)"""
-    from arcface_lightning.evaluate import evaluate
+    from arcface_lightning.evaluate import evaluate  # here: the spawned ranks above import this file without Lightning
+    from arcface_lightning.runs import run
     from arcface_lightning.train import train
     from conftest import TINY, cli, compose_config, tiny_config
 
