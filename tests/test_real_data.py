@@ -57,27 +57,12 @@ def entry(name: str, tmp_path: Path, *overrides: str):
 @pytest.mark.skipif(not HAS_MNIST, reason="ARCFACE_DATA_DIR has no MNIST/raw")
 def test_embed_search_and_verify_agree_with_the_runs_own_test_metrics(seed_run: dict, tmp_path: Path) -> None:
     """The trained model used as users do: the test and training sets embedded (the CLI once, in-process once),
-    searched, and pairs verified at the threshold saved with the checkpoint."""
+    searched, and pairs verified at the threshold saved with the checkpoint (one through the command line)."""
     ckpt = seed_run["best_checkpoint"]
     test_file, train_file = tmp_path / "test.npz", tmp_path / "train.npz"
-    result = cli(
-        "embed",
-        f"ckpt_path={ckpt}",
-        "split=test",
-        f"output={test_file}",
-        f"paths.data_dir={DATA_DIR}",
-        "trainer=cpu",
-        f"hydra.run.dir={tmp_path / 'cli'}",
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    overrides = [
-        f"ckpt_path={ckpt}",
-        "split=train",
-        f"output={train_file}",
-        f"paths.data_dir={DATA_DIR}",
-        "trainer=cpu",
-    ]
-    assert run(embed, entry("embed", tmp_path, *overrides))["embeddings"] == 55_000
+    where = [f"ckpt_path={ckpt}", f"paths.data_dir={DATA_DIR}", "trainer=cpu"]  # the CLI: test_inference.py (DDP)
+    assert run(embed, entry("embed", tmp_path, *where, "split=test", f"output={test_file}"))["embeddings"] == 10_000
+    assert run(embed, entry("embed", tmp_path, *where, "split=train", f"output={train_file}"))["embeddings"] == 55_000
     test, gallery = read_embeddings(test_file), read_embeddings(train_file)
     assert test.embeddings.shape == (10_000, 128) and list(test.sources[:2]) == ["test:0", "test:1"]
 
@@ -100,6 +85,10 @@ def test_embed_search_and_verify_agree_with_the_runs_own_test_metrics(seed_run: 
     different = [(by_digit[d][0], by_digit[(d + 1) % 10][1]) for d in (1, 5, 9)]
     for i in {i for pair in same + different for i in pair}:
         write_png(images.data[i][None], str(tmp_path / f"{i}.png"))
+    a, b = same[0]  # one pair through the command line, as a user runs it
+    result = cli("verify", f"ckpt_path={ckpt}", f"a={tmp_path / f'{a}.png'}", f"b={tmp_path / f'{b}.png'}",
+                 f"hydra.run.dir={tmp_path / 'verify_cli'}")  # fmt: skip
+    assert result.returncode == 0 and "threshold@far=1e-3" in result.stdout, result.stderr[-2000:]
     answers = {}
     for kind, pairs in (("same", same), ("different", different)):
         answers[kind] = [

@@ -228,11 +228,14 @@ def test_cli_unknown_names_list_the_choices(tmp_path: Path, group: str, name: st
     assert not (tmp_path / "x").exists()  # refused before Hydra made a run dir
 
 
-def test_cli_evaluate_needs_a_checkpoint(tmp_path: Path) -> None:
-    result = cli("evaluate", f"hydra.run.dir={tmp_path / 'x'}")
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: ckpt_path is required: python -m arcface_lightning.evaluate ckpt_path=<file.ckpt>"
+def test_evaluate_needs_a_checkpoint(tmp_path: Path) -> None:
+    cfg = compose_config(config_name="eval")
+    cfg.paths.output_dir = str(tmp_path / "x")
+    with pytest.raises(SystemExit) as exit_info:  # the line the command prints (one-line CLI errors: test_errors.py)
+        run(evaluate, cfg)
+    assert (
+        str(exit_info.value)
+        == "error: ckpt_path is required: python -m arcface_lightning.evaluate ckpt_path=<file.ckpt>"
     )
 
 
