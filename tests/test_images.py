@@ -302,7 +302,7 @@ def test_mixed_sizes_and_channel_counts_become_one_batch_shape(tmp_path: Path) -
         image = torch.randint(0, 256, shape, dtype=torch.uint8)
         path = tmp_path / "mixed" / f"class_{i % 2}" / f"{i}.png"
         if shape[0] == 4:  # torchvision writes no RGBA; matplotlib does
-            matplotlib.image.imsave(path, image.permute(1, 2, 0).numpy())
+            matplotlib.image.imsave(path, image.permute(1, 2, 0).contiguous().numpy())  # C order: matplotlib 3.8
         else:
             write_png(image, str(path))
     for channels in (1, 3):

@@ -140,7 +140,9 @@ def train_with_a_backbone(rank: int, world: int, steps: int = 10) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_head_equals_the_single_process_head(world: int) -> None:
-    port = 29700 + os.getpid() % 200 + world
+    from conftest import free_port  # here: the spawned ranks import this file, and conftest imports Lightning
+
+    port = free_port()
     torch.multiprocessing.spawn(one_rank, args=(world, port), nprocs=world)
 
 

@@ -18,7 +18,7 @@ from arcface_lightning.data.streaming import StreamingDataModule, read_manifest
 from arcface_lightning.evaluate import evaluate
 from arcface_lightning.runs import run
 from arcface_lightning.train import train
-from conftest import cli, compose_config, tiny_config
+from conftest import cli, compose_config, free_port, tiny_config
 
 STREAMING = ["data=streaming", "data.in_channels=1", "data.image_size=28", "data.num_workers=0"]
 
@@ -156,7 +156,7 @@ def test_ddp_ranks_stream_disjoint_shards_with_equal_step_counts(packed, tmp_pat
     would hang), and what LitData drops to even them out is fewer than world × batch images, a different few each
     epoch."""
     _, out = packed
-    port = 29500 + os.getpid() % 1000 + world
+    port = free_port()
     torch.multiprocessing.spawn(stream_one_rank, args=(world, str(out), port, str(tmp_path)), nprocs=world)
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(world)]
     dropped = []
