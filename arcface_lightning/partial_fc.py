@@ -235,7 +235,9 @@ class PartialFC(nn.Module):
             return embeddings, labels
         parts = [torch.empty_like(labels) for _ in range(self.world)]
         dist.all_gather(parts, labels.contiguous())
-        return GatherWithGrad.apply(embeddings), torch.cat(parts)
+        # fp32 under autocast: backward sums each rank's partial gradient of these rows across ranks, and a bf16 or
+        # fp16 sum would round once per rank where the unsharded head rounds once (the rows are few: B × E)
+        return GatherWithGrad.apply(embeddings.float()), torch.cat(parts)
 
     def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sorted local row indices: every positive of `labels` (global) on this rank, plus random negatives."""

@@ -110,11 +110,12 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep:
     refused = isinstance(failure, ConfigError) and path.exists()
     if rank_zero_only.rank == 0 and not refused:
         write_metrics(output_dir, record)
-    if failure is None and rank_zero_only.rank == 0:
-        log.info("run dir: %s", output_dir.resolve())
-        log.info("metrics: %s", path)
-        if any(output_dir.glob("**/events.out.tfevents.*")):
-            log.info("curves:  tensorboard --logdir %s", output_dir.resolve())
+    if failure is None:
+        if rank_zero_only.rank == 0:
+            log.info("run dir: %s", output_dir.resolve())
+            log.info("metrics: %s", path)
+            if any(output_dir.glob("**/events.out.tfevents.*")):
+                log.info("curves:  tensorboard --logdir %s", output_dir.resolve())
     elif in_sweep:
         log.error("%s: %s (%s)", record["status"], record["error"], output_dir)
     elif isinstance(failure, USER_ERRORS):

@@ -166,15 +166,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return data, record
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now, for a gloo process group (fixed ports collide between xdist workers)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def cli_command(module: str, *overrides: str) -> dict:
     """subprocess arguments for an entry point run as a user would (`python -m arcface_lightning.<module>`)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from ranks import free_port, join, leave
 from test_images import digits, write_folder
 
 from arcface_lightning.data import DataError
@@ -18,7 +18,7 @@ from arcface_lightning.data.streaming import StreamingDataModule, read_manifest
 from arcface_lightning.evaluate import evaluate
 from arcface_lightning.runs import run
 from arcface_lightning.train import train
-from conftest import cli, compose_config, free_port, tiny_config
+from conftest import cli, compose_config, tiny_config
 
 STREAMING = ["data=streaming", "data.in_channels=1", "data.image_size=28", "data.num_workers=0"]
 
@@ -138,16 +138,13 @@ def test_a_damaged_packed_set_is_refused_before_training(packed, tmp_path: Path,
 
 def stream_one_rank(rank: int, world: int, packed_set: str, port: int, results: str) -> None:
     """One DDP rank (gloo): the data module's training loader for two epochs; the images' digests per batch."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        dm = StreamingDataModule(root=packed_set, in_channels=1, image_size=28, batch_size=16, num_classes=None)
-        dm.setup("fit")
-        loader = dm.train_dataloader()  # built after the process group exists, as Lightning does
-        epochs = [[[digest(x) for x in batch[0]] for batch in loader] for _ in range(2)]
-        Path(results, f"{rank}.json").write_text(json.dumps(epochs))
-    finally:
-        torch.distributed.destroy_process_group()
+    join(port, rank, world)
+    dm = StreamingDataModule(root=packed_set, in_channels=1, image_size=28, batch_size=16, num_classes=None)
+    dm.setup("fit")
+    loader = dm.train_dataloader()  # built after the process group exists, as Lightning does
+    epochs = [[[digest(x) for x in batch[0]] for batch in loader] for _ in range(2)]
+    Path(results, f"{rank}.json").write_text(json.dumps(epochs))
+    leave()
 
 
 @pytest.mark.parametrize("world", [3])  # 300 images are not a multiple of 3 ranks × batch 16 (2 ranks: until issue 15)
