@@ -8,7 +8,7 @@ export ARCFACE_DATA_DIR
 INSTALLED = $(PYTHON) -c "import importlib.metadata as m; m.version('arcface-lightning'); \
 	import lightning, hydra, torchvision, torchmetrics, tensorboard, pytest, xdist" 2>/dev/null
 
-.PHONY: help install train sweep report test lint format tensorboard clean
+.PHONY: help install train sweep compare report test lint format tensorboard clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,6 +23,10 @@ train: ## train the default experiment, installing first if needed (more overrid
 sweep: ## the preset s × m grid (conf/sweep/s_m.yaml), report and heatmap at the end (ARGS="seed=0,1,2" ...)
 	@$(INSTALLED) || $(MAKE) install
 	$(PYTHON) -m arcface_lightning.train sweep=s_m $(ARGS)
+
+compare: ## every head on the open-set protocol: a search on validation, 3 seeds, table + figure (about half an hour here)
+	@$(INSTALLED) || $(MAKE) install
+	$(PYTHON) -m arcface_lightning.compare $(ARGS)
 
 report: ## (re)write a sweep's summary and heatmap: make report DIR=logs/sweep_s_m/multiruns/<time>_<pid>
 	$(PYTHON) -m arcface_lightning.report $(DIR)

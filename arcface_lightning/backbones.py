@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from arcface_lightning.checks import check_int, check_ints
+from arcface_lightning.checks import BadValue, check_int, check_ints, first_line, require
 
 
 class SimpleCNN(nn.Module):
@@ -117,3 +122,112 @@ class ResNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedding_norm(self.embedding(self.pool(self.stages(self.stem(images)))))
+
+
+class TimmBackbone(nn.Module):
+    """Any timm image model (`timm.list_models()`: ResNets, EfficientNets, MobileNets, ConvNeXts, ViTs...) without
+    its classifier, then the embedding: linear → BatchNorm1d, the "BN → FC → BN" output of the ArcFace paper (the
+    timm model's last norm is the first BN).
+
+    timm builds the model with `num_classes=0` (its pooled features, `head_hidden_size` wide) and
+    `in_chans=in_channels`. Weights, by priority:
+
+    - `checkpoint_path`: a local weights file of this model (.pth / .bin / .safetensors, a state dict or a checkpoint
+      dict holding one), e.g. one downloaded from the Hugging Face hub or `timm.create_model(name).state_dict()`.
+      It goes through timm's own pretrained loader (`pretrained_cfg_overlay`), which drops the classifier and adapts
+      the first conv to `in_channels` (an RGB stem summed for 1 channel); nothing is downloaded.
+    - `pretrained`: timm's published weights, downloaded (or read from the Hugging Face cache).
+    - neither: random initialisation.
+
+    Args:
+        name: a timm model name, optionally with a weights tag (`resnet18.a1_in1k`) or `hf-hub:<repo>`.
+        model_kwargs: more keywords for `timm.create_model`: `drop_rate`, `drop_path_rate`, and for ViTs on small
+            images `img_size` and `patch_size` (a ViT's input size is fixed when it is built).
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet18",
+        embedding_size: int = 512,
+        in_channels: int = 3,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        for key, value in (("embedding_size", embedding_size), ("in_channels", in_channels)):
+            check_int("TimmBackbone", key, value)
+        require("TimmBackbone", "pretrained", pretrained, "true or false", lambda v: isinstance(v, bool))
+        self.model = create_timm_model(name, in_channels, pretrained, checkpoint_path, dict(model_kwargs or {}))
+        # the pooled output's width: num_features, or the width of a pre-logits layer after it (MobileNetV3's 1×1 conv)
+        width = getattr(self.model, "head_hidden_size", None) or self.model.num_features
+        self.embedding = nn.Linear(width, embedding_size, bias=False)
+        self.embedding_norm = nn.BatchNorm1d(embedding_size)
+        self.embedding_size = embedding_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embedding_norm(self.embedding(self.model(images)))
+
+
+def create_timm_model(
+    name: str, in_channels: int, pretrained: bool, checkpoint_path: str | None, kwargs: dict[str, Any]
+) -> nn.Module:
+    """`timm.create_model(name, num_classes=0, in_chans=in_channels)` with the weights TimmBackbone describes; a
+    one-line BadValue naming the argument for anything timm cannot do with them."""
+    try:
+        import timm
+    except ImportError as error:
+        raise ImportError("backbone=timm needs the timm package: pip install timm") from error
+    if not (isinstance(name, str) and (name.startswith("hf-hub:") or timm.is_model(name))):
+        raise BadValue("TimmBackbone", "name", name, unknown_model_hint(timm, name))
+    state_dict = None if checkpoint_path is None else read_checkpoint(timm, checkpoint_path)
+    overlay = None if state_dict is None else {"state_dict": state_dict}  # timm's pretrained loader reads it there
+    try:
+        model = timm.create_model(
+            name,
+            pretrained=pretrained or state_dict is not None,
+            pretrained_cfg_overlay=overlay,
+            num_classes=0,
+            in_chans=in_channels,
+            **kwargs,
+        )
+    except TypeError as error:  # a keyword the model's constructor does not take
+        allowed = f"keywords of {name} ({first_line(error)})"
+        raise BadValue("TimmBackbone", "model_kwargs", kwargs, allowed) from error
+    except RuntimeError as error:  # shapes that do not fit: another model's weights
+        if state_dict is None:
+            raise
+        lines = str(error).strip().splitlines()  # "Error(s) in loading state_dict for X:", then the first error
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise BadValue("TimmBackbone", "checkpoint_path", checkpoint_path, f"{name}'s weights ({detail})") from error
+    except OSError as error:  # no network and no cached copy
+        if state_dict is not None or not pretrained:
+            raise
+        allowed = f"false, or true where timm can download the weights ({first_line(error)}); else checkpoint_path"
+        raise BadValue("TimmBackbone", "pretrained", pretrained, allowed) from error
+    if state_dict is not None:  # timm loads non-strictly once it has dropped the classifier: check what it got
+        # BatchNorm's step counters may be absent (timm's published weights drop them): torch loads without them
+        missing = [k for k in model.state_dict() if k not in state_dict and not k.endswith("num_batches_tracked")]
+        if missing:
+            found = f"{len(missing)} of {len(model.state_dict())} tensors are not in the file, e.g. {missing[0]}"
+            raise BadValue("TimmBackbone", "checkpoint_path", checkpoint_path, f"{name}'s weights ({found})")
+    return model
+
+
+def unknown_model_hint(timm: Any, name: Any) -> str:
+    """What to pass instead of an unknown model name: the closest names, and how to list them all."""
+    text = str(name)
+    close = difflib.get_close_matches(text.split(".")[0], timm.list_models(), n=3, cutoff=0.6)
+    stem = re.match(r"[a-z]*", text.lower()).group() or text  # "resnet" of "resnet1000"
+    suggestion = f" (closest: {', '.join(close)})" if close else ""
+    return f"a timm model name{suggestion}; list them with timm.list_models('*{stem}*')"
+
+
+def read_checkpoint(timm: Any, path: Any) -> dict[str, torch.Tensor]:
+    """A weights file's state dict (timm unwraps a checkpoint dict's `state_dict` or `model` entry)."""
+    if not (isinstance(path, (str, os.PathLike)) and Path(path).is_file()):
+        raise BadValue("TimmBackbone", "checkpoint_path", path, "null or an existing weights file (.pth, .safetensors)")
+    try:
+        return timm.models.load_state_dict(os.fspath(path))
+    except Exception as error:  # not a torch or safetensors file
+        raise BadValue("TimmBackbone", "checkpoint_path", path, f"a weights file ({first_line(error)})") from error

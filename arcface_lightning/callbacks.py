@@ -102,7 +102,9 @@ class EmbeddingFigures(L.Callback):
         for centres sharded across ranks (Partial FC: each rank holds a slice, and only rank zero draws)."""
         if getattr(pl_module, "held_out_classes", False) or getattr(pl_module.head, "world", 1) > 1:
             return None
-        return pl_module.head.weight.detach().float().cpu()
+        head = pl_module.head  # one centre per class: a sub-centre head gives each class's dominant one
+        centres = head.class_centres() if hasattr(head, "class_centres") else head.weight
+        return centres.detach().float().cpu()
 
     def _log_angles(self, trainer, pl_module, stage: str, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         centres = self._centres(pl_module)

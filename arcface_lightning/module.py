@@ -182,6 +182,8 @@ class ArcFaceModule(L.LightningModule):
         return bool(self.trainer.fast_dev_run) or (every > 0 and (self.global_step + 1) % every == 0)
 
     def on_train_epoch_end(self) -> None:
+        if hasattr(self.head, "end_of_epoch"):  # heads with an epoch schedule (recent_heads.SubCenterArcFaceHead)
+            self.head.end_of_epoch(self.current_epoch)
         # Metric objects: Lightning computes them (synced over DDP ranks) and resets them for the next epoch
         self.log("train/loss", self.train_loss)  # mean over the epoch's images, all ranks
         self.log("train/acc", self.train_acc, prog_bar=True)

@@ -167,12 +167,12 @@ GROUP_OVERRIDES_ACCEPTED = [
 ]
 GROUP_OVERRIDES_REFUSED = [
     ("logger=[csv,nope]", "error: logger=nope is not a config in conf/logger/; allowed: csv, many_loggers, tensorbo"),
-    ("head=nope", "error: head=nope is not a config in conf/head/; allowed: arcface, combined, cosface, softmax, "),
+    ("head=nope", "error: head=nope is not a config in conf/head/; allowed: adaface, arcface, combined, cosface, "),
     ("head=arcface,nope", "error: head=nope is not a config in conf/head/"),
     ("head=choice(arcface,nope)", "error: head=nope is not a config in conf/head/"),
     ("+debug=nope", "error: debug=nope is not a config in conf/debug/; allowed: fdr, limit, overfit, profile"),
     ("head@head=nope", "error: head=nope is not a config in conf/head/"),
-    ("head=glob(zz*)", "error: head=glob(zz*) matches no config in conf/head/; allowed: arcface, "),
+    ("head=glob(zz*)", "error: head=glob(zz*) matches no config in conf/head/; allowed: adaface, arcface, "),
     ("data=range(2)", "error: data=range(2) is not a config in conf/data/; allowed: cifar10, fashion_mnist, "),
     ("logger=null", "error: logger=null: a config group is deselected with ~logger, not logger=null"),
     ("logger=[csv", "error: cannot parse the override 'logger=[csv': no viable alternative at input '[csv'"),
@@ -223,11 +223,11 @@ def test_every_group_option_composes_through_the_check() -> None:
     "overrides, message",
     [
         (["data.val_size=60000"], "error: data.val_size=60000 leaves no training data; allowed: 1 ≤ val_size < 600"),
-        (["optimizer.lr=-1"], "error: optimizer.lr=-1 is invalid; allowed: a number ≥ 0"),
-        (["embedding_size=abc"], "error: embedding_size='abc' is invalid; allowed: an integer ≥ 2"),
         (["data.degrees=500"], "error: data.augment.degrees=500 is invalid; allowed: 0 ≤ degrees ≤ 180 (ImageData"),
     ],
-    ids=["val_size", "lr", "embedding_size", "deprecated key"],  # an unknown key: in-process above
+    # through the command line: a data check at setup and a moved key. Every other message (optimizer.lr,
+    # embedding_size, an unknown key, ...) goes through the same run() and is checked in-process above
+    ids=["val_size", "deprecated key"],
 )
 def test_cli_prints_one_line_and_no_traceback(mnist_root: Path, tmp_path: Path, overrides, message: str) -> None:
     run_dir = tmp_path / "bad_run"

@@ -1,0 +1,117 @@
+"""The head comparison (compare.py): selection on validation only, the table's statistics and marks, and one real
+run of the command (two heads, a two-point search, two seeds) on synthetic MNIST."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from arcface_lightning.compare import choose, grid_of, separated_best, summarise, train_overrides
+from conftest import cli
+
+
+def test_the_setting_is_chosen_on_validation_and_never_on_test() -> None:
+    rows = [
+        {"head.m": 0.3, "seed": 0, "status": "ok", "val/acc_best": 0.91, "test/acc": 0.99},
+        {"head.m": 0.5, "seed": 0, "status": "ok", "val/acc_best": 0.95, "test/acc": 0.20},
+        {"head.m": 0.7, "seed": 0, "status": "failed"},
+    ]
+    setting, row = choose(rows, ["head.m"], "val/acc_best")
+    assert setting == {"head.m": 0.5} and row is rows[1]
+    assert choose([rows[2]], ["head.m"], "val/acc_best") is None  # nothing finished: the head is reported failed
+
+
+def test_the_table_marks_a_best_only_where_intervals_do_not_overlap() -> None:
+    runs = {
+        "a": [{"seed": s, "test/acc": v} for s, v in enumerate((0.90, 0.92, 0.91))],
+        "b": [{"seed": s, "test/acc": v} for s, v in enumerate((0.80, 0.81, 0.79))],
+        "c": [{"seed": s, "test/acc": v} for s, v in enumerate((0.905, 0.95, 0.86))],
+    }
+    table = [summarise(name, {"head.s": 30}, rows, ["test/acc"], failed=0) for name, rows in runs.items()]
+    assert table[0]["test/acc mean"] == pytest.approx(0.91)
+    assert table[0]["test/acc std"] == pytest.approx(statistics.stdev([0.90, 0.92, 0.91]))  # sample std
+    assert table[0]["setting"] == "s=30" and table[0]["seeds"] == "0,1,2"
+    assert separated_best(table, "test/acc") is None  # c's wide interval overlaps a's
+    assert separated_best(table[:2], "test/acc") == "a"
+    one_seed = [summarise(n, {}, rows[:1], ["test/acc"], failed=0) for n, rows in runs.items()]
+    assert separated_best(one_seed, "test/acc") is None and math.isnan(one_seed[0]["test/acc std"])
+
+
+def test_grids_and_training_overrides_become_dotted_overrides() -> None:
+    train = {
+        "trainer": {"max_epochs": 3},
+        "logger": "csv",
+        "evaluation": {"figures": False},
+        "backbone": {"channels": [4, 8]},
+    }
+    cfg = OmegaConf.create({"grid": {"head": {"s": [16, 30], "m": [0.3]}}, "train": train})
+    assert grid_of(cfg.grid) == {"head.s": [16, 30], "head.m": [0.3]}
+    assert train_overrides(cfg.train) == [
+        "trainer.max_epochs=3", "logger=csv", "evaluation.figures=false", "backbone.channels=[4, 8]"
+    ]  # fmt: skip
+
+
+TINY_COMPARE = [
+    "train.trainer.max_epochs=1",
+    "+train.data.val_size=60",
+    "+train.data.batch_size=32",
+    "+train.data.download=false",
+    "+train.embedding_size=16",
+    "+train.backbone.channels=[4,8]",
+    "+train.trainer.enable_model_summary=false",
+    "+train.callbacks.progress_bar.refresh_rate=0",
+]
+
+
+def test_compare_searches_on_seed_zero_then_runs_the_chosen_setting_on_the_other_seeds(mnist_root, tmp_path) -> None:
+    out = tmp_path / "compare"
+    result = cli(
+        "compare", f"hydra.run.dir={out}", f"paths.data_dir={mnist_root}", "heads=[arcface,softmax]",
+        "grids.arcface.head.m=[0.2,0.5]", "grids.arcface.head.s=[16]", "seeds=[0,1]", *TINY_COMPARE,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    searched = [json.loads(p.read_text()) for p in sorted((out / "search" / "arcface").glob("*/metrics.json"))]
+    assert len(searched) == 2 and {r["seed"] for r in searched} == {0}
+    assert not (out / "search" / "softmax").exists()  # no grid, no search
+    best = max(searched, key=lambda r: r["val/acc_best"])
+    chosen_m = OmegaConf.load(Path(best["best_checkpoint"]).parents[1] / ".hydra" / "overrides.yaml")
+    m = next(float(o.split("=")[1]) for o in chosen_m if o.startswith("head.m="))
+    arc_seeds = [json.loads(p.read_text()) for p in (out / "seeds" / "arcface").glob("*/metrics.json")]
+    assert [r["seed"] for r in arc_seeds] == [1]  # seed 0's run is the search's, not run again
+    overrides = OmegaConf.load(next((out / "seeds" / "arcface").glob("*/.hydra/overrides.yaml")))
+    assert f"head.m={m}" in overrides and "head.s=16" in overrides
+    soft = sorted(json.loads(p.read_text())["seed"] for p in (out / "seeds" / "softmax").glob("*/metrics.json"))
+    assert soft == [0, 1]
+    table = {row["head"]: row for row in json.loads((out / "comparison.json").read_text())["table"]}
+    assert table["arcface"]["setting"] == f"s=16, m={m}" and table["arcface"]["n"] == 2
+    expected = statistics.fmean([best["openset/map_at_r"], arc_seeds[0]["openset/map_at_r"]])
+    assert table["arcface"]["openset/map_at_r mean"] == pytest.approx(expected)
+    text = (out / "comparison.md").read_text()
+    assert "| arcface | s=16, m=" in text and "| softmax |  | 2 |" in text and " ± " in text
+    assert (out / "comparison.png").stat().st_size > 10_000 and (out / "comparison.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("heads=[arcface,magface]", "heads: 'magface' has no conf/head/magface.yaml; allowed: "),
+        ("seeds=[0,0]", "seeds=[0, 0] repeats a seed"),
+        ("grids.arcface.head.m=0.5", "grids.arcface.head.m=0.5 is invalid; allowed: a non-empty list of values"),
+    ],
+)
+def test_bad_settings_are_refused_in_one_line_before_any_training(tmp_path, override, message) -> None:
+    from arcface_lightning.compare import compare
+    from arcface_lightning.runs import run
+    from conftest import compose_config
+
+    cfg = compose_config(override, config_name="compare")
+    cfg.paths.output_dir = str(tmp_path)
+    with pytest.raises(SystemExit, match="^error: " + re.escape(message)):
+        run(compare, cfg)
+    assert not (tmp_path / "search").exists() and not (tmp_path / "seeds").exists()
