@@ -72,13 +72,12 @@ TINY_COMPARE = [
 def test_compare_searches_on_seed_zero_then_runs_the_chosen_setting_on_the_other_seeds(mnist_root, tmp_path) -> None:
     out = tmp_path / "compare"
     result = cli(
-        "compare", f"hydra.run.dir={out}", f"paths.data_dir={mnist_root}", "heads=[arcface,softmax]",
+        "compare", f"hydra.run.dir={out}", f"paths.data_dir={mnist_root}", "heads=[arcface]",
         "grids.arcface.head.m=[0.2,0.5]", "grids.arcface.head.s=[16]", "seeds=[0,1]", *TINY_COMPARE,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     searched = [json.loads(p.read_text()) for p in sorted((out / "search" / "arcface").glob("*/metrics.json"))]
     assert len(searched) == 2 and {r["seed"] for r in searched} == {0}
-    assert not (out / "search" / "softmax").exists()  # no grid, no search
     best = max(searched, key=lambda r: r["val/acc_best"])
     chosen_m = OmegaConf.load(Path(best["best_checkpoint"]).parents[1] / ".hydra" / "overrides.yaml")
     m = next(float(o.split("=")[1]) for o in chosen_m if o.startswith("head.m="))
@@ -86,15 +85,41 @@ def test_compare_searches_on_seed_zero_then_runs_the_chosen_setting_on_the_other
     assert [r["seed"] for r in arc_seeds] == [1]  # seed 0's run is the search's, not run again
     overrides = OmegaConf.load(next((out / "seeds" / "arcface").glob("*/.hydra/overrides.yaml")))
     assert f"head.m={m}" in overrides and "head.s=16" in overrides
-    soft = sorted(json.loads(p.read_text())["seed"] for p in (out / "seeds" / "softmax").glob("*/metrics.json"))
-    assert soft == [0, 1]
     table = {row["head"]: row for row in json.loads((out / "comparison.json").read_text())["table"]}
     assert table["arcface"]["setting"] == f"s=16, m={m}" and table["arcface"]["n"] == 2
     expected = statistics.fmean([best["openset/map_at_r"], arc_seeds[0]["openset/map_at_r"]])
     assert table["arcface"]["openset/map_at_r mean"] == pytest.approx(expected)
     text = (out / "comparison.md").read_text()
-    assert "| arcface | s=16, m=" in text and "| softmax |  | 2 |" in text and " ± " in text
+    assert "| arcface | s=16, m=" in text and " ± " in text
     assert (out / "comparison.png").stat().st_size > 10_000 and (out / "comparison.csv").is_file()
+
+
+def test_a_head_without_a_grid_runs_every_seed_at_its_config_and_a_failed_search_is_reported(tmp_path, monkeypatch):
+    """The orchestration without training: each multirun call is recorded and answered with made-up job rows."""
+    from arcface_lightning import compare as module
+    from conftest import compose_config
+
+    calls = []
+
+    def fake_multirun(cfg, sweep_dir, head, sweeps):
+        calls.append((sweep_dir.relative_to(tmp_path).as_posix(), head, sweeps))
+        status = "failed" if head == "cosface" else "ok"
+        point = {k: v[0] for k, v in sweeps.items() if k != "seed"}
+        row = {"status": status, "val/acc_best": 0.9, **point}
+        return [{**row, "seed": seed, "test/acc": 0.5 + seed / 10} for seed in sweeps["seed"]]
+
+    monkeypatch.setattr(module, "multirun", fake_multirun)
+    cfg = compose_config("heads=[softmax,cosface]", "seeds=[3,4]", config_name="compare")
+    cfg.paths.output_dir = str(tmp_path)
+    module.compare(cfg)
+    assert calls == [
+        ("seeds/softmax", "softmax", {"seed": [3, 4]}),  # no grid: no search, every seed
+        ("search/cosface", "cosface", {"head.s": [16, 30], "head.m": [0.2, 0.35], "seed": [3]}),
+    ]  # a search with no finished run: no seeds run for it
+    table = {row["head"]: row for row in json.loads((tmp_path / "comparison.json").read_text())["table"]}
+    assert table["softmax"]["n"] == 2 and table["softmax"]["test/acc mean"] == pytest.approx(0.85)
+    assert table["cosface"]["n"] == 0 and table["cosface"]["failed"] == 1
+    assert "| cosface |  | 0 | failed |" in (tmp_path / "comparison.md").read_text()
 
 
 @pytest.mark.parametrize(
