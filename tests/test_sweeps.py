@@ -60,23 +60,16 @@ def test_grid_multirun_writes_every_job_and_the_report(mnist_root: Path, tmp_pat
     assert "| job | head.s | head.m | seed |" in (sweep / "summary.md").read_text()
 
 
-def test_one_bad_grid_point_fails_alone(mnist_root: Path, tmp_path: Path) -> None:
+def test_joblib_runs_jobs_in_parallel_processes_and_a_bad_grid_point_fails_alone(mnist_root, tmp_path) -> None:
     sweep = tmp_path / "sweep"
-    result = multirun(sweep, mnist_root, "head.m=0.3,5")
+    result = multirun(sweep, mnist_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "head.m=0.3,5")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     rows = {r["head.m"]: r for r in summary(sweep)}
+    assert sorted(rows) == ["0.3", "5"]
     assert rows["0.3"]["status"] == "ok" and float(rows["0.3"]["test/acc"]) > 0
     assert rows["5"]["status"] == "failed"
     assert rows["5"]["error"] == "head.m=5 is invalid; allowed: 0 ≤ m < π (ArcFaceHead)"
-
-
-def test_joblib_launcher_runs_jobs_in_parallel_processes(mnist_root: Path, tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    result = multirun(sweep, mnist_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "head.s=8,16")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
-    assert sorted(r["head.s"] for r in summary(sweep)) == ["16", "8"]
-    assert all(r["status"] == "ok" for r in summary(sweep))
 
 
 def test_optuna_search_runs_trials_and_returns_the_metric(mnist_root: Path, tmp_path: Path) -> None:
