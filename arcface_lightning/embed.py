@@ -35,7 +35,13 @@ from torch.utils.data import DataLoader
 from arcface_lightning.config import ConfigError, instantiate_node, register_configs
 from arcface_lightning.data.augment import BatchPreparation
 from arcface_lightning.data.images import ImageFiles, ImageIndex
-from arcface_lightning.inference import Contract, contract_from_checkpoint, index_inputs, save_embeddings
+from arcface_lightning.inference import (
+    Contract,
+    contract_from_checkpoint,
+    index_inputs,
+    read_checkpoint,
+    save_embeddings,
+)
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.runs import check_ckpt_path, load_checkpoint, run, start
 
@@ -92,7 +98,7 @@ def embed(cfg: DictConfig) -> dict[str, Any]:
     if cfg.input is None and cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split} is not one of {', '.join(SPLITS)} (or give input=<images>)")
     ckpt_path = check_ckpt_path(cfg.ckpt_path)
-    contract = contract_from_checkpoint(torch.load(ckpt_path, map_location="cpu", weights_only=True))
+    contract = contract_from_checkpoint(read_checkpoint(ckpt_path))  # memory-mapped: only its settings are read
     model, datamodule = load_checkpoint(cfg, ckpt_path)
     if cfg.input is not None:  # read the list before any work: a missing folder or an empty one is one line
         paths, labels, classes = index_inputs(cfg.input)

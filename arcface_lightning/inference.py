@@ -119,8 +119,10 @@ class Embedder(nn.Module):
 
 
 def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+    """A checkpoint's dict, memory-mapped: reading its settings does not load its tensors (a Partial FC checkpoint
+    holds millions of class centres and their optimiser state)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise ModelError(f"{key}={path} does not exist") from None
     except Exception as error:

@@ -131,7 +131,8 @@ def load_checkpoint(cfg: DictConfig, ckpt_path: str) -> tuple[ArcFaceModule, Ima
     try:  # model and data settings (dataset, normalisation, split) both come from the checkpoint
         model = ArcFaceModule.load_from_checkpoint(ckpt_path, map_location="cpu")
         given = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # settings only
+        saved = saved.get("datamodule_hyper_parameters", {})
         data_class = StreamingDataModule if saved.get("dataset") == "streaming" else ImageDataModule
         return model, data_class.load_from_checkpoint(ckpt_path, **given)  # null: the checkpoint's value
     except Exception as error:  # a bad data.* value from the command line, or not a checkpoint of this model
