@@ -30,17 +30,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from arcface_lightning.config import ConfigError, register_configs
+from arcface_lightning.config import CONF_DIR, ConfigError, register_configs
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.report import Row, markdown, pyplot, read_jobs, write_csv
 from arcface_lightning.runs import run, start
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
 
 def check(cfg: DictConfig) -> None:
     """Every key before any training: head names, grids, seeds, metrics."""
-    known = sorted(p.stem for p in (CONF / "head").glob("*.yaml"))
+    known = sorted(p.stem for p in (CONF_DIR / "head").glob("*.yaml"))
     heads = OmegaConf.to_container(cfg.heads) if OmegaConf.is_list(cfg.heads) else cfg.heads
     if not isinstance(heads, list) or not heads or len(set(heads)) != len(heads):
         raise ConfigError(
@@ -72,12 +70,17 @@ def grid_of(node: Any, prefix: str = "") -> dict[str, Any]:
     }
 
 
-def train_overrides(node: Any, prefix: str = "") -> list[str]:
+def train_overrides(node: Any) -> list[str]:
     """`train` as override strings: {trainer: {max_epochs: 3}, logger: csv} → trainer.max_epochs=3, logger=csv."""
-    if not OmegaConf.is_dict(node):
-        value = json.dumps(OmegaConf.to_container(node)) if OmegaConf.is_list(node) else node
-        return [f"{prefix}={'null' if value is None else str(value).lower() if isinstance(value, bool) else value}"]
-    return [o for key, child in node.items() for o in train_overrides(child, f"{prefix}.{key}" if prefix else key)]
+
+    def text(value: Any) -> str:
+        if isinstance(value, list):
+            return json.dumps(value)
+        if value is None or isinstance(value, bool):
+            return str(value).lower().replace("none", "null")
+        return str(value)
+
+    return [f"{key}={text(value)}" for key, value in grid_of(node).items()]
 
 
 def multirun(cfg: DictConfig, sweep_dir: Path, head: str, sweeps: dict[str, list]) -> list[Row]:

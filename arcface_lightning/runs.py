@@ -23,7 +23,7 @@ from arcface_lightning.checks import BadValue
 from arcface_lightning.config import ConfigError, check_run_keys, named_error, one_line, print_config, root_cause
 from arcface_lightning.data import DataError, ImageDataModule
 from arcface_lightning.data.streaming import StreamingDataModule
-from arcface_lightning.inference import ModelError
+from arcface_lightning.inference import ModelError, read_checkpoint
 from arcface_lightning.module import ArcFaceModule, DivergedError
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,7 @@ def load_checkpoint(cfg: DictConfig, ckpt_path: str) -> tuple[ArcFaceModule, Ima
     try:  # model and data settings (dataset, normalisation, split) both come from the checkpoint
         model = ArcFaceModule.load_from_checkpoint(ckpt_path, map_location="cpu")
         given = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # settings only
-        saved = saved.get("datamodule_hyper_parameters", {})
+        saved = read_checkpoint(ckpt_path).get("datamodule_hyper_parameters", {})  # memory-mapped: settings only
         data_class = StreamingDataModule if saved.get("dataset") == "streaming" else ImageDataModule
         return model, data_class.load_from_checkpoint(ckpt_path, **given)  # null: the checkpoint's value
     except Exception as error:  # a bad data.* value from the command line, or not a checkpoint of this model
