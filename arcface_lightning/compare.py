@@ -203,7 +203,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     return {"heads": len(table), "runs": sum(len(v) for v in runs.values()), "compare_wall_time_s": round(wall, 1)}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="compare")
 def main(cfg: DictConfig) -> None:
     register_configs()
     run(compare, cfg)

@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from arcface_lightning.config import ConfigError, instantiate_node, register_configs
+from arcface_lightning.config import CONF_DIR, ConfigError, instantiate_node, register_configs
 from arcface_lightning.data.augment import BatchPreparation
 from arcface_lightning.data.images import ImageFiles, ImageIndex
 from arcface_lightning.inference import (
@@ -128,7 +128,7 @@ def embed(cfg: DictConfig) -> dict[str, Any]:
     return {"output": str(output), "embeddings": len(embeddings), "embedding_size": int(embeddings.shape[1])}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="embed")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="embed")
 def main(cfg: DictConfig) -> None:
     register_configs()
     run(embed, cfg)

@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from arcface_lightning.config import (
+    CONF_DIR,
     ConfigError,
     instantiate_node,
     register_configs,
@@ -41,7 +42,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return {**metrics, "checkpoint": str(ckpt_path), "dataset": dataset, "tags": list(cfg.get("tags") or [])}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
     register_configs()
     run(evaluate, cfg)

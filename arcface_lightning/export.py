@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from arcface_lightning.config import ConfigError, one_line, register_configs
+from arcface_lightning.config import CONF_DIR, ConfigError, one_line, register_configs
 from arcface_lightning.inference import (
     CONTRACT_KEY,
     INPUT_DTYPE_KEY,
@@ -179,7 +179,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return {**written, "checkpoint": str(ckpt_path), "tags": list(cfg.get("tags") or [])}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def main(cfg: DictConfig) -> None:
     register_configs()
     run(export, cfg)

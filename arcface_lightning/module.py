@@ -23,6 +23,14 @@ from arcface_lightning.checks import check_choice, check_int
 from arcface_lightning.heads import CombinedMarginHead
 from arcface_lightning.metrics import SELECTION, embedding_metrics
 from arcface_lightning.partial_fc import AUTO_SHARD_CLASSES, PartialFC
+from arcface_lightning.registry import check_lr_scheduler, check_part
+
+
+def build_part(config: Mapping[str, Any], part: str) -> Any:
+    """instantiate(config) once registry.py has allowed every target it names: a checkpoint's settings never choose
+    what is imported or called."""
+    check_part(config, part)
+    return instantiate(config)
 
 
 def build_head(config: Mapping[str, Any]) -> nn.Module:
@@ -30,11 +38,11 @@ def build_head(config: Mapping[str, Any]) -> nn.Module:
     wrap a margin head in PartialFC; otherwise the head is the plain module, as before those keys existed."""
     config = dict(config)
     sample_rate, sharded = config.pop("sample_rate", 1.0), config.pop("sharded", False)
-    head = instantiate(config)
+    head = build_part(config, "head")
     large = sharded == "auto" and isinstance(head, CombinedMarginHead) and head.num_classes >= AUTO_SHARD_CLASSES
     if sample_rate != 1.0 or sharded is True or large:
         return PartialFC(head, sample_rate=sample_rate, sharded=sharded)
-    check_choice("head", "sharded", sharded, (True, False, "auto"))
+    check_choice("PartialFC", "sharded", sharded, (True, False, "auto"))
     return head
 
 
@@ -96,7 +104,9 @@ class ArcFaceModule(L.LightningModule):
             if not isinstance(part, Mapping)
         ]
         self.save_hyperparameters(ignore=live)
-        self.optimizer_factory = optimizer if callable(optimizer) else instantiate(optimizer)
+        if scheduler is not None:  # built in configure_optimizers; its targets are checked now, before any work
+            check_lr_scheduler(scheduler)
+        self.optimizer_factory = optimizer if callable(optimizer) else build_part(optimizer, "optimizer")
         if example_input_shape is not None:
             self.example_input_array = torch.zeros(1, *example_input_shape)
         # per test loader (0: the test set, 1: the open set), and for validation with held-out classes
@@ -105,7 +115,7 @@ class ArcFaceModule(L.LightningModule):
         # by_class: validation and test images are of classes the head never learnt, so closed-set accuracy does
         # not exist there; validation measures retrieval (SELECTION[val_split] picks the checkpoint)
         self.held_out_classes = val_split == "by_class"
-        self.backbone = backbone if isinstance(backbone, nn.Module) else instantiate(backbone)
+        self.backbone = backbone if isinstance(backbone, nn.Module) else build_part(backbone, "backbone")
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)  # 4-D weights only; checkpoints load into it as usual
         self.head = head if isinstance(head, nn.Module) else build_head(head)
@@ -309,5 +319,5 @@ class ArcFaceModule(L.LightningModule):
         factory = dict(lr_scheduler["scheduler"])
         if "total_steps" in factory and factory["total_steps"] is None:
             factory["total_steps"] = self.trainer.estimated_stepping_batches
-        lr_scheduler["scheduler"] = instantiate(factory)(optimizer=optimizer)
+        lr_scheduler["scheduler"] = build_part(factory, "scheduler")(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}

@@ -5,12 +5,15 @@ user error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,16 @@ from arcface_lightning.data import DataError, ImageDataModule
 from arcface_lightning.data.streaming import StreamingDataModule
 from arcface_lightning.inference import ModelError, read_checkpoint
 from arcface_lightning.module import ArcFaceModule, DivergedError
+from arcface_lightning.registry import TargetNotAllowed, allow
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (ConfigError, DataError, DivergedError, ModelError)  # explained in one line, no traceback
+USER_ERRORS = (ConfigError, DataError, DivergedError, ModelError, TargetNotAllowed)  # one line, no traceback
 
 
 def start(cfg: DictConfig) -> None:
     """What every entry point does first: check the top-level keys, print the config if asked, set matmul precision."""
     check_run_keys(cfg)
+    allow(cfg.get("allowed_targets"))
     if cfg.get("extras") and cfg.extras.get("print_config") and rank_zero_only.rank == 0:
         print_config(cfg)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision") or "highest")
@@ -46,13 +51,49 @@ def check_ckpt_path(ckpt_path: str | None, output_dir: Path | None = None) -> st
         ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
         if not Path(ckpt_path).is_file():
             raise ConfigError(f"ckpt_path=last: no {ckpt_path}; pass hydra.run.dir=<the run dir to resume>")
-    if not Path(ckpt_path).is_file():
+    path = Path(ckpt_path)
+    if path.is_dir():
+        raise ConfigError(f"ckpt_path={ckpt_path} is a folder; give the path of a .ckpt file")
+    if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist; give the path of a .ckpt file")
+    if path.suffix in (".onnx", ".pt", ".ts", ".torchscript"):
+        raise ConfigError(f"ckpt_path={ckpt_path} is an export; this command needs a .ckpt checkpoint of training")
     try:  # fail now, with one line, rather than after Lightning has set everything up
-        torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
         raise ConfigError(f"ckpt_path={ckpt_path} is not a readable checkpoint: {one_line(error)}") from error
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict)):
+        what = type(checkpoint).__name__
+        raise ConfigError(f"ckpt_path={ckpt_path} is not a Lightning checkpoint (it holds a {what}, no state_dict)")
     return ckpt_path
+
+
+@contextlib.contextmanager
+def sigint_as_sigterm() -> Iterator[list[int]]:
+    """Ctrl-C (SIGINT) handled like SIGTERM: while Lightning fits or tests, it has a SIGTERM handler that stops at
+    the next step boundary (CheckpointOnSigterm then saves last.ckpt, and run() records `interrupted` and the resume
+    line), so the first Ctrl-C is passed on to it. Outside Lightning's loops, or at a second Ctrl-C, it is the usual
+    KeyboardInterrupt. Yields the list of SIGINTs received. A process started with SIGINT ignored (nohup, `&` in a
+    script) keeps ignoring it."""
+    received: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        received.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None):  # Lightning's handler
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -79,6 +120,17 @@ def write_classes(datamodule: Any, output_dir: Path) -> None:
         (output_dir / "classes.json").write_text(json.dumps(classes, indent=0) + "\n")
 
 
+def interrupted(record: dict[str, Any], output_dir: Path, began: float, signal_name: str) -> None:
+    """Record a stopped run (status interrupted, and the command that resumes it where last.ckpt was saved) and
+    exit non-zero: a stopped run must not pass for a finished one."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    resume = f"resume: ckpt_path=last hydra.run.dir={output_dir}" if last.is_file() else "nothing saved to resume"
+    record.update(status="interrupted", error=f"{signal_name}; {resume}")
+    if rank_zero_only.rank == 0:
+        write_metrics(output_dir, {**record, "wall_time_s": round(time.perf_counter() - began, 3)})
+    raise SystemExit(f"interrupted: {record['error']}") from None
+
+
 def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep: bool = False) -> dict[str, Any]:
     """Run a task and record its outcome in metrics.json (status ok, failed or diverged).
 
@@ -89,18 +141,21 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep:
     began = time.perf_counter()
     record: dict[str, Any] = {"seed": cfg.get("seed"), "status": "ok"}
     failure: BaseException | None = None
-    try:
-        record.update(task(cfg))
-    except SIGTERMException:  # Lightning stopped at a step boundary; CheckpointOnSigterm saved last.ckpt
-        record.update(status="interrupted", error=f"SIGTERM; resume: ckpt_path=last hydra.run.dir={output_dir}")
-        write_metrics(output_dir, {**record, "wall_time_s": round(time.perf_counter() - began, 3)})
-        raise SystemExit(f"interrupted: {record['error']}") from None
-    except USER_ERRORS as error:
-        failure = error
-    except Exception as error:
-        failure = error
-        if in_sweep:
-            log.exception("job failed")  # the traceback goes to this job's log file
+    with sigint_as_sigterm() as sigints:
+        try:
+            record.update(task(cfg))
+        except SIGTERMException:  # Lightning stopped at a step boundary; CheckpointOnSigterm saved last.ckpt
+            interrupted(record, output_dir, began, "SIGINT" if sigints else "SIGTERM")
+        except (KeyboardInterrupt, SystemExit) as error:  # Ctrl-C outside Lightning's loops, or Lightning's exit(1)
+            if not sigints or (isinstance(error, SystemExit) and error.code in (0, None)):
+                raise
+            interrupted(record, output_dir, began, "SIGINT")
+        except USER_ERRORS as error:
+            failure = error
+        except Exception as error:
+            failure = error
+            if in_sweep:
+                log.exception("job failed")  # the traceback goes to this job's log file
     if failure is not None:
         status = "diverged" if isinstance(failure, DivergedError) else "failed"
         record.update(status=status, error=one_line(failure))

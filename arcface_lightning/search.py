@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from arcface_lightning.config import ConfigError, register_configs
+from arcface_lightning.config import CONF_DIR, ConfigError, register_configs
 from arcface_lightning.data import DataError
 from arcface_lightning.data.images import read_image
 from arcface_lightning.inference import Embeddings, embed_images, index_inputs, load_model, read_embeddings
@@ -207,7 +207,7 @@ def write_csv(path: Path, rows: Iterable[tuple]) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="search")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="search")
 def main(cfg: DictConfig) -> None:
     register_configs()
     run(search, cfg)

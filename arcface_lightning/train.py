@@ -48,6 +48,7 @@ from arcface_lightning.config import (
 )
 from arcface_lightning.module import ArcFaceModule
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
+from arcface_lightning.registry import TargetNotAllowed, check_lr_scheduler, check_part
 from arcface_lightning.runs import check_ckpt_path, final_metrics, run, start, write_classes
 
 # beside the hyper-parameters in TensorBoard's HPARAMS tab (by_class runs have no closed-set accuracy)
@@ -64,6 +65,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = check_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
     check_launch(cfg)
     datamodule, model, trainer = build(cfg)
+    if ckpt_path is not None:
+        check_resume(model, ckpt_path)
     write_classes(datamodule, Path(cfg.paths.output_dir))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -110,9 +113,13 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trai
         # the node it instantiates in place, and the error below needs cfg's interpolations to name their source.
         model = instantiate(OmegaConf.to_container(cfg.model, resolve=True))
     except Exception as error:  # name the group the failing class was configured in (model: its own arguments)
-        text, owner = str(error), getattr(root_cause(error), "owner", None)
+        cause = root_cause(error)
+        if isinstance(cause, TargetNotAllowed):  # it names the group's key already (optimizer._target_=...)
+            raise ConfigError(str(cause)) from error
+        text, owner = str(error), getattr(cause, "owner", None)
         targets = {group: cfg[group]._target_ for group in ("backbone", "head")}
         groups = [g for g, target in targets.items() if f"'{target}'" in text or target.endswith(f".{owner}")]
+        groups += ["head"] if owner == "PartialFC" else []  # head.sample_rate / head.sharded wrap the head
         raise named_error(cfg, groups[0] if groups else "model", error) from error
     callbacks = [instantiate_node(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
     loggers = [instantiate_node(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
@@ -123,6 +130,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trai
 def check_optimization(cfg: DictConfig) -> None:
     """Build the optimizer and scheduler once on a stand-in parameter, so that a bad value fails now, in one line,
     and not when Lightning calls configure_optimizers after setting everything up."""
+    check_part(OmegaConf.to_container(cfg.optimizer, resolve=True), "optimizer")
+    if cfg.get("scheduler") is not None:
+        check_lr_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True))
     for key in ("lr", "weight_decay", "momentum"):  # torch's own messages do not name the key
         value = cfg.optimizer.get(key)
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
@@ -150,9 +160,37 @@ def check_optimization(cfg: DictConfig) -> None:
         raise ConfigError(f"scheduler.interval={interval!r} is invalid; allowed: epoch, step")
 
 
+def check_resume(model: ArcFaceModule, ckpt_path: str) -> None:
+    """The checkpoint to resume holds the tensors this config builds, shape for shape: one line naming the first
+    that differs (another embedding_size, backbone or number of classes), not Lightning's state_dict error."""
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    built = model.state_dict()
+    for name, tensor in built.items():
+        if name not in saved and not name.endswith("num_batches_tracked"):
+            raise ConfigError(f"ckpt_path={ckpt_path} has no {name}: it is not a checkpoint of this model's config")
+        if name in saved and tuple(saved[name].shape) != tuple(tensor.shape):
+            raise ConfigError(
+                f"ckpt_path={ckpt_path} holds {name} of shape {tuple(saved[name].shape)} but this config builds "
+                f"{tuple(tensor.shape)}: resume with the settings it was trained with (embedding_size, backbone, "
+                "head, data)"
+            )
+    extra = [name for name in saved if name not in built and not name.startswith("head.state_")]
+    if extra:
+        raise ConfigError(f"ckpt_path={ckpt_path} holds {extra[0]}, which this config does not build")
+
+
 def check_launch(cfg: DictConfig) -> None:
     """Lightning's `ddp` re-launches this script once per device; inside a Hydra multirun that would re-run the
     whole sweep in every child. Refuse that combination up front (SLURM starts one task per device itself)."""
+    sample_rate, sharded = cfg.head.get("sample_rate", 1.0), cfg.head.get("sharded", False)
+    accumulate = cfg.trainer.get("accumulate_grad_batches") or 1
+    if accumulate != 1 and (sample_rate != 1.0 or sharded is True):
+        key = "head.sample_rate" if sample_rate != 1.0 else "head.sharded"
+        value = sample_rate if sample_rate != 1.0 else sharded
+        raise ConfigError(
+            f"{key}={value} cannot combine with trainer.accumulate_grad_batches={accumulate}: Partial FC steps its "
+            "sampled centres at every batch; allowed: trainer.accumulate_grad_batches=1"
+        )
     strategy, devices = str(cfg.trainer.get("strategy")), cfg.trainer.get("devices")
     relaunches = strategy.startswith("ddp") and not any(k in strategy for k in ("spawn", "fork", "notebook"))
     several = str(devices) not in ("1", "auto", "None") or (cfg.trainer.get("num_nodes") or 1) > 1
@@ -184,7 +222,7 @@ def hparams_for_tensorboard(cfg: DictConfig) -> dict[str, Any]:
     return params
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     register_configs()  # again: launchers run this job in a fresh process, where the resolvers must exist
     metrics = run(train, cfg, in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN)

@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from arcface_lightning.config import ConfigError, register_configs
+from arcface_lightning.config import CONF_DIR, ConfigError, register_configs
 from arcface_lightning.data.images import read_image
 from arcface_lightning.inference import ModelError, far_key, load_model
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
@@ -61,7 +61,7 @@ def verify(cfg: DictConfig) -> dict[str, Any]:
     return {"score": score, "threshold": float(threshold), "same": bool(same), "a": str(cfg.a), "b": str(cfg.b)}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="verify")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="verify")
 def main(cfg: DictConfig) -> None:
     register_configs()
     run(verify, cfg)

@@ -36,6 +36,15 @@ BAD_TRAIN = [
     (["tags=abc"], "tags='abc' is invalid; allowed: a list of strings, e.g. tags=[baseline,s16]"),
     (["extras.print_config=2"], "extras.print_config=2 is invalid; allowed: true or false"),
     (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt does not exist; give the path of a .ckpt file"),
+    (["ckpt_path=/tmp"], "ckpt_path=/tmp is a folder; give the path of a .ckpt file"),
+    # Partial FC keys: the head's, named as typed; and what it cannot combine with
+    (["head.sample_rate=2"], "head.sample_rate=2 is invalid; allowed: 0 < sample_rate ≤ 1 (PartialFC)"),
+    (["head.sharded=maybe"], "head.sharded='maybe' is invalid; allowed: True, False, auto (PartialFC)"),
+    (
+        ["head.sample_rate=0.5", "trainer.accumulate_grad_batches=2"],
+        "head.sample_rate=0.5 cannot combine with trainer.accumulate_grad_batches=2: Partial FC steps its sampled ",
+    ),
+    (["allowed_targets=[my-net]"], "allowed_targets: 'my-net' is invalid; allowed: dotted class names"),
     # backbone
     (["backbone.channels=[]"], "backbone.channels=[] is invalid; allowed: a non-empty list of integers ≥ 1 (Simple"),
     (["backbone.channels=[4,8,8,8,8]"], "data.image_size=28 is invalid; allowed: an integer ≥ 32 (SimpleCNN)"),

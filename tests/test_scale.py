@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -107,7 +108,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     assert resumed == expected  # every metric, bit for bit
 
 
-def test_sigterm_saves_a_checkpoint_before_exit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT (Ctrl-C)"])
+def test_sigterm_and_sigint_save_a_checkpoint_before_exit(tmp_path: Path, signum: signal.Signals) -> None:
     root = write_mnist(tmp_path / "data", n_train=3000, n_test=200)
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
@@ -121,23 +123,39 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path: Path) -> None:
             "logger=csv",
         ),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        # as in a terminal: a shell's background jobs (CI's) start with SIGINT ignored, which Python keeps
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     metrics_csv, deadline = run_dir / "csv" / "metrics.csv", time.monotonic() + 120
     while not metrics_csv.exists() and time.monotonic() < deadline:  # wait until it trains
         time.sleep(0.05)
     time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] > 0 and state["epoch"] < 49  # saved where it stopped, long before the end
     assert process.returncode != 0  # a pre-empted run does not pass for a finished one
     record = json.loads((run_dir / "metrics.json").read_text())
-    assert record["status"] == "interrupted" and "ckpt_path=last" in record["error"]
+    resume = f"resume: ckpt_path=last hydra.run.dir={run_dir}"
+    assert record["status"] == "interrupted" and record["error"] == f"{signum.name}; {resume}"
+    assert stderr.strip().splitlines()[-1] == f"interrupted: {signum.name}; {resume}" and "Traceback" not in stderr
+
+
+def saved(value: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize(
-    "content, message", [(None, "does not exist"), (b"not a checkpoint", "is not a readable checkpoint")]
+    "content, message",
+    [
+        (None, "does not exist"),
+        (b"not a checkpoint", "is not a readable checkpoint"),
+        (saved(torch.zeros(3)), r"is not a Lightning checkpoint \(it holds a Tensor, no state_dict\)"),
+    ],
 )
 def test_bad_ckpt_path_is_one_line_and_overwrites_nothing(make_cfg, tmp_path: Path, content, message) -> None:
     from arcface_lightning.runs import run
@@ -153,3 +171,14 @@ def test_bad_ckpt_path_is_one_line_and_overwrites_nothing(make_cfg, tmp_path: Pa
     assert record_path.read_text() == '{"status": "ok"}'
     with pytest.raises(SystemExit, match=r"^error: ckpt_path=last: no .*last.ckpt; pass hydra.run.dir="):
         run(train, make_cfg("ckpt_path=last"))
+
+
+def test_resuming_with_another_model_config_is_one_line(trained, tmp_path: Path) -> None:
+    from arcface_lightning.runs import run
+    from conftest import tiny_config
+
+    data, record = trained
+    cfg = tiny_config(data, tmp_path / "run", f"ckpt_path={record['best_checkpoint']}", "embedding_size=32")
+    with pytest.raises(SystemExit, match=r"^error: ckpt_path=.* holds backbone\..* of shape \(16, .*\) but this con"):
+        run(train, cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
