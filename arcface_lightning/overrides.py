@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -101,15 +102,37 @@ def check_overrides(argv: list[str], config_name: str, conf_dir: Path = CONF_DIR
         check_composition(args.overrides, config_name, conf_dir)
 
 
+def check_writable_folder(key: str, folder: str | None) -> None:
+    """Exit with one line unless `folder` exists as a folder or can be made: its nearest existing ancestor is a
+    folder this process can create entries in (tried with a temporary folder, removed at once, so a run dir whose
+    name holds the time is not made ahead of Hydra)."""
+    if folder is None:
+        return
+    path = Path(folder).absolute()
+    ancestor = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    if ancestor.is_dir() and ancestor == path:
+        return
+    if not ancestor.is_dir():
+        raise SystemExit(f"error: {key}={folder} cannot be made: {ancestor} is a file, not a folder")
+    try:
+        tempfile.TemporaryDirectory(dir=ancestor).cleanup()
+    except OSError as error:
+        raise SystemExit(
+            f"error: {key}={folder} cannot be made: no folder can be made in {ancestor} ({error.strerror})"
+        ) from None
+
+
 def check_composition(overrides: list[str], config_name: str, conf_dir: Path) -> None:
     """Compose the config as hydra.main is about to, and say in one line why it does not compose (a key that the
     config does not have, a value of the wrong type for a typed node)."""
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         try:
-            compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-            return
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as error:
             message = str(error)
+        else:
+            check_writable_folder("hydra.run.dir", OmegaConf.select(cfg, "hydra.run.dir", default=None))
+            return
         missing = re.match(r"Could not override '([^']+)'", message)
         if missing is None:
             lines = [line.strip() for line in message.splitlines() if line.strip()]
