@@ -36,14 +36,24 @@ CONF_DIR = REPO_ROOT / "conf"
 INTERPOLATION = re.compile(r"\$\{([\w.]+)\}")
 
 
-def native_bf16_precision(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+def native_bf16_precision(cpuinfo: Path = Path("/proc/cpuinfo"), capability: str | None = None) -> str:
     """`bf16-mixed` where the default device computes bfloat16 natively (a CUDA GPU that supports it; a CPU with
     AVX512-BF16 or AMX, read from /proc/cpuinfo), `32-true` elsewhere, where emulated bf16 is slower than fp32.
-    bf16 changes float rounding, not the recipe (`trainer.precision: ${native_bf16:}`)."""
+    bf16 changes float rounding, not the recipe (`trainer.precision: ${native_bf16:}`).
+
+    On the CPU, PyTorch's own limits count too: `ATEN_CPU_CAPABILITY=avx2` (or `default`) keeps ATen's kernels
+    below AVX512, and `ONEDNN_MAX_CPU_ISA=AVX2` (or lower) keeps oneDNN's convolutions and matmuls there; with
+    either, bf16 is emulated as on a CPU without AVX512, so the choice is fp32. `capability`: ATen's, as
+    torch.backends.cpu.get_cpu_capability() reports it (which honours ATEN_CPU_CAPABILITY)."""
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
     flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    return "bf16-mixed" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "32-true"
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    aten_limited = capability.upper() in ("DEFAULT", "AVX2", "NO AVX")
+    onednn_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    onednn_limited = not onednn_isa.startswith(("ALL", "AVX512", "AVX10", "AMX"))
+    native = re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) and not (aten_limited or onednn_limited)
+    return "bf16-mixed" if native else "32-true"
 
 
 def selection_metric(val_split: str, form: str = "name") -> str:
