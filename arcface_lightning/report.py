@@ -247,10 +247,9 @@ def write_report(sweep_dir: Path) -> dict[str, Any]:
         raise SystemExit(f"error: {sweep_dir} has no finished jobs: no readable <job>/metrics.json in it")
     try:
         return write_files(sweep_dir, rows, problems)
-    except OSError as error:
-        raise SystemExit(
-            f"error: cannot write the report into {sweep_dir}: {error.strerror}: {error.filename}"
-        ) from None
+    except OSError as error:  # os.replace names the file it writes to second
+        name = Path(error.filename2 or error.filename or "").name
+        raise SystemExit(f"error: cannot write the report into {sweep_dir}: {error.strerror}: {name}") from None
 
 
 def write_files(sweep_dir: Path, rows: list[Row], problems: list[str]) -> dict[str, Any]:

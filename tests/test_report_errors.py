@@ -112,9 +112,9 @@ def test_a_report_that_cannot_be_written_is_one_line_and_leaves_no_partial_file(
     for job in "01":
         write_job(sweep, job)
     (sweep / "summary.csv").mkdir()  # in the way of the file
-    with pytest.raises(SystemExit, match=r"^error: cannot write the report into .*: Is a directory: ") as refused:
+    with pytest.raises(SystemExit) as refused:
         write_report(sweep)
-    assert "\n" not in str(refused.value)
+    assert str(refused.value) == f"error: cannot write the report into {sweep}: Is a directory: summary.csv"
     assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "summary.csv"]  # no summary.partial.csv
 
 
