@@ -11,24 +11,33 @@ models are chosen on validation, and the heatmap's ★ marks the cell with the b
 score. That is val/acc_best, scored by test/acc; for sweeps with data.val_split=by_class (no closed-set accuracy on
 held-out identities) val/precision_at_1_best, scored by test/precision_at_1 (see REPORTED).
 SweepReportCallback writes the report when a multirun ends.
+
+A damaged job does not stop the report (sweep_jobs.py: left out, or reported as failed): a warning line names the
+job and the file, and summary.md lists them. Each file is written beside its place, then renamed into it.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
-import json
 import logging
 import math
+import os
+import re
+import signal
 import statistics
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from arcface_lightning.checks import is_number
+from arcface_lightning.sweep_jobs import Row, read_jobs
 
 log = logging.getLogger(__name__)
 
@@ -38,37 +47,18 @@ REPORTED = {
     "by_class": ("val/precision_at_1_best", "test/precision_at_1", "test/map_at_r"),
 }
 S, M, SEED = "head.s", "head.m", "seed"
-Row = dict[str, Any]
 
 
-def number(text: Any) -> Any:
-    """Override values arrive as text: numbers become numbers, anything else stays as it is."""
+@contextmanager
+def written_aside(path: Path) -> Iterator[Path]:
+    """A path beside `path` to write to: renamed to `path` when the block ends, removed if it fails or is interrupted,
+    so a reader never finds half a file."""
+    partial = path.with_name(f"{path.stem}.partial{path.suffix}")  # the suffix tells savefig the format
     try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return text
-    return int(value) if value.is_integer() and "." not in str(text) else value
-
-
-def read_jobs(sweep_dir: Path) -> list[Row]:
-    """One row per job dir: its overrides (key → value) and its metrics.json (or status failed if it has none)."""
-    rows = []
-    for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
-        job_dir = overrides_file.parent.parent
-        overrides = yaml.safe_load(overrides_file.read_text()) or []
-        row: Row = {"job": job_dir.name, "overrides": []}
-        for override in overrides:
-            key, _, value = override.lstrip("+~").partition("=")
-            row[key] = number(value)
-            row["overrides"].append(key)
-        metrics_file = job_dir / "metrics.json"
-        if metrics_file.is_file():
-            row.update(json.loads(metrics_file.read_text()))
-            row["finished"] = True
-        else:
-            row.update(status="failed", error="no metrics.json: the job crashed or is still running", finished=False)
-        rows.append(row)
-    return sorted(rows, key=lambda r: (len(r["job"]), r["job"]))  # 0, 1, ..., 10 in numeric order
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def swept_keys(rows: list[Row]) -> list[str]:
@@ -124,7 +114,7 @@ def markdown(rows: list[Row], columns: list[str]) -> str:
 
 
 def write_csv(path: Path, rows: list[Row], columns: list[str]) -> None:
-    with path.open("w", newline="") as f:
+    with written_aside(path) as partial, partial.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(
@@ -187,7 +177,8 @@ def plot_grid(path: Path, rows: list[Row], title: str, metrics: tuple[str, str, 
     ax.set_ylabel("scale s (head.s)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    with written_aside(path) as partial:
+        fig.savefig(partial)
     plt.close(fig)
 
 
@@ -211,7 +202,8 @@ def plot_scatter(path: Path, rows: list[Row], title: str, metrics: tuple[str, st
     ax.set_ylabel("margin m (head.m)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    with written_aside(path) as partial:
+        fig.savefig(partial)
     plt.close(fig)
 
 
@@ -220,11 +212,12 @@ def figures(sweep_dir: Path, rows: list[Row], keys: list[str], metrics: tuple[st
     if S not in keys or M not in keys:
         print(f"no heatmap: it needs {S} and {M} both swept (swept: {', '.join(keys) or 'nothing'})")
         return []
+    drawn = [r for r in rows if is_number(r.get(S)) and is_number(r.get(M))]  # a job refused head.s=abc has no place
     others = [k for k in keys if k not in (S, M, SEED)]
     written = []
-    for point in sorted({tuple(r.get(k) for k in others) for r in rows}, key=repr):
-        subset = [r for r in rows if tuple(r.get(k) for k in others) == point]
-        suffix = ",".join(f"{k}={v}" for k, v in zip(others, point, strict=True))
+    for point in sorted({tuple(r.get(k) for k in others) for r in drawn}, key=repr):
+        subset = [r for r in drawn if tuple(r.get(k) for k in others) == point]
+        suffix = re.sub(r"[^\w.,=+-]", "_", ",".join(f"{k}={v}" for k, v in zip(others, point, strict=True)))
         seeds = len({r.get(SEED) for r in subset})
         title = f"{metrics[1]}, mean over {seeds} seed(s){' — ' + suffix if suffix else ''}"
         title += f"\n★ = best mean {metrics[0]}"
@@ -238,16 +231,36 @@ def figures(sweep_dir: Path, rows: list[Row], keys: list[str], metrics: tuple[st
 def write_report(sweep_dir: Path) -> dict[str, Any]:
     """Write summary.csv, summary.md, summary_seeds.csv (seeds swept) and the figures; return what was written."""
     sweep_dir = Path(sweep_dir)
-    rows = read_jobs(sweep_dir) if sweep_dir.is_dir() else []
+    expected = "give a sweep dir: the folder of a multirun, e.g. logs/train/multiruns/<time>_<pid>"
+    if not sweep_dir.exists():
+        raise SystemExit(f"error: {sweep_dir} does not exist; {expected}")
+    if not sweep_dir.is_dir():
+        raise SystemExit(f"error: {sweep_dir} is a file, not a folder; {expected}")
+    rows, problems = read_jobs(sweep_dir)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if not rows and problems:
+        raise SystemExit(f"error: {sweep_dir} has no job whose .hydra/overrides.yaml can be read (see the warnings)")
     if not rows:
         raise SystemExit(f"error: {sweep_dir} is not a sweep dir: no <job>/.hydra/overrides.yaml in it")
     if not any(r["finished"] for r in rows):
-        raise SystemExit(f"error: {sweep_dir} has no finished jobs: no <job>/metrics.json in it")
+        raise SystemExit(f"error: {sweep_dir} has no finished jobs: no readable <job>/metrics.json in it")
+    try:
+        return write_files(sweep_dir, rows, problems)
+    except OSError as error:  # os.replace names the file it writes to second
+        name = Path(error.filename2 or error.filename or "").name
+        raise SystemExit(f"error: cannot write the report into {sweep_dir}: {error.strerror}: {name}") from None
+
+
+def write_files(sweep_dir: Path, rows: list[Row], problems: list[str]) -> dict[str, Any]:
+    """The report of rows that were read, with the damaged jobs (`problems`) listed in summary.md."""
     keys, metrics = swept_keys(rows), reported(rows)
     columns = ["job", *[k for k in keys if k != SEED], SEED, *metrics, "epochs", "wall_time_s", "status", "error"]
     rows = sort_best_first(rows, metrics[0])
     write_csv(sweep_dir / "summary.csv", rows, columns)
     text = f"# Sweep {sweep_dir}\n\n{len(rows)} jobs, sorted by {metrics[0]}.\n\n{markdown(rows, columns)}\n"
+    if problems:
+        text += "\nDamaged jobs:\n\n" + "".join(f"- {problem}\n" for problem in problems)
     seeds_table = None
     if SEED in keys:
         group_keys = [k for k in keys if k != SEED]
@@ -255,12 +268,13 @@ def write_report(sweep_dir: Path) -> dict[str, Any]:
         seed_columns = [*group_keys, "n", "failed", *[f"{m} {stat}" for m in metrics for stat in ("mean", "std")]]
         write_csv(sweep_dir / "summary_seeds.csv", seeds_table, seed_columns)
         text += f"\n## Over seeds (mean, sample std)\n\n{markdown(seeds_table, seed_columns)}\n"
-    (sweep_dir / "summary.md").write_text(text)
+    with written_aside(sweep_dir / "summary.md") as partial:
+        partial.write_text(text)
     print(text)
     written = figures(sweep_dir, rows, keys, metrics)
     for path in written:
         print(f"figure: {path}")
-    return {"rows": rows, "swept": keys, "seeds": seeds_table, "figures": written}
+    return {"rows": rows, "swept": keys, "seeds": seeds_table, "figures": written, "problems": problems}
 
 
 class SweepReportCallback(Callback):
@@ -277,7 +291,14 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m arcface_lightning.report <sweep_dir>")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stopped)
     write_report(Path(args[0]))
+
+
+def stopped(signum: int, frame: Any) -> None:
+    """A stop signal as one line: on the way out, the file being written is removed (written_aside)."""
+    raise SystemExit(f"error: stopped by {signal.Signals(signum).name}; the report is incomplete")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from arcface_lightning.compare import choose, grid_of, separated_best, summarise, train_overrides
-from conftest import cli
+from arcface_lightning.compare import choose, evaluation_metrics, grid_of, separated_best, summarise, train_overrides
+from conftest import cli, compose_config
 
 
 def test_the_setting_is_chosen_on_validation_and_never_on_test() -> None:
@@ -78,6 +78,8 @@ def test_compare_searches_on_seed_zero_then_runs_the_chosen_setting_on_the_other
     assert result.returncode == 0, result.stderr[-3000:]
     searched = [json.loads(p.read_text()) for p in sorted((out / "search" / "arcface").glob("*/metrics.json"))]
     assert len(searched) == 2 and {r["seed"] for r in searched} == {0}
+    job = compose_config("experiment=mnist_openset", "paths.output_dir=/unused")
+    assert {"val/acc_best", *evaluation_metrics(job)} <= set(searched[0])  # what compare accepts, a job records
     best = max(searched, key=lambda r: r["val/acc_best"])
     chosen_m = OmegaConf.load(Path(best["best_checkpoint"]).parents[1] / ".hydra" / "overrides.yaml")
     m = next(float(o.split("=")[1]) for o in chosen_m if o.startswith("head.m="))
@@ -97,7 +99,6 @@ def test_compare_searches_on_seed_zero_then_runs_the_chosen_setting_on_the_other
 def test_a_head_without_a_grid_runs_every_seed_at_its_config_and_a_failed_search_is_reported(tmp_path, monkeypatch):
     """The orchestration without training: each multirun call is recorded and answered with made-up job rows."""
     from arcface_lightning import compare as module
-    from conftest import compose_config
 
     calls = []
 
@@ -122,21 +123,110 @@ def test_a_head_without_a_grid_runs_every_seed_at_its_config_and_a_failed_search
     assert "| cosface |  | 0 | failed |" in (tmp_path / "comparison.md").read_text()
 
 
+HEADS = "adaface, arcface, combined, cosface, curricularface, elasticface, softmax, sphereface, subcenter_arcface"
+SELECT = "val/acc_best (the validation score of the checkpoint each job tests, with experiment=mnist_openset's"
+
+
 @pytest.mark.parametrize(
-    ("override", "message"),
+    ("overrides", "message"),
     [
-        ("heads=[arcface,magface]", "heads: 'magface' has no conf/head/magface.yaml; allowed: "),
-        ("seeds=[0,0]", "seeds=[0, 0] repeats a seed"),
-        ("grids.arcface.head.m=0.5", "grids.arcface.head.m=0.5 is invalid; allowed: a non-empty list of values"),
+        (["heads=[arcface,magface]"], f"heads: 'magface' has no conf/head/magface.yaml; allowed: {HEADS}"),
+        (["seeds=[0,0]"], "seeds=[0, 0] repeats a seed; allowed: distinct integers"),
+        (["protocol=bogus"], "protocol='bogus' is invalid; allowed: cifar10_resnet, mnist_2d, mnist_3d, mnist_best, "),
+        (["launcher=x"], "launcher='x' is invalid; allowed: a list of overrides, e.g. 'launcher="),
+        (
+            ["columns=test/acc"],
+            "columns='test/acc' is invalid; allowed: a list of metric names, e.g. columns=[test/acc]",
+        ),
+        (["columns=[]"], "columns=[] is invalid; allowed: a list of metric names"),
+        (
+            ["grids.arcface=5"],
+            "grids.arcface=5 is invalid; allowed: lists of values by key, e.g. grids.arcface.head.s=",
+        ),
+        (["+grids.arcfce.head.m=[0.3]"], f"grids.arcfce: no conf/head/arcfce.yaml; allowed: {HEADS}"),
+        (
+            ["grids.arcface.head.m=0.5"],
+            "grids.arcface.head.m=0.5 is invalid; allowed: a non-empty list of distinct values",
+        ),
+        (
+            ["grids.arcface.head.m=[]"],
+            "grids.arcface.head.m=[] is invalid; allowed: a non-empty list of distinct values",
+        ),
+        (
+            ["grids.arcface.head.m=[0.3,0.3]"],
+            "grids.arcface.head.m=[0.3, 0.3] is invalid; allowed: a non-empty list of ",
+        ),
+        # below: checked against the train config a job of the head composes (heads=[...] keeps that to one)
+        (["heads=[arcface]", "grids.arcface.head.m=[0.3,5]"], "grids.arcface.head.m: 5 is invalid; allowed: 0 ≤ m < π"),
+        (
+            ["heads=[arcface]", "grids.arcface.head.s=[abc]"],
+            "grids.arcface.head.s: 'abc' is invalid; allowed: a finite",
+        ),
+        (
+            ["heads=[sphereface]", "grids.sphereface.head.m=[0.5]"],
+            "grids.sphereface.head.m: 0.5 is invalid; allowed: 1 ≤",
+        ),
+        (
+            ["heads=[softmax]", "+grids.softmax.head.s=[16]"],
+            "grids.softmax.head.s: head=softmax has no head.s; head has: embedding_size, num_classes, bias, sharded, "
+            "sample_rate",
+        ),
+        (
+            ["heads=[arcface]", "+grids.arcface.optimizer.lrr=[0.1]"],
+            "grids.arcface.optimizer.lrr: head=arcface has no optimizer.lrr; optimizer has: lr, weight_decay",
+        ),
+        (["heads=[softmax]", "select=val/bogus"], f"select='val/bogus' is invalid; allowed: {SELECT}"),
+        (
+            ["heads=[softmax]", "select=val/precision_at_1_best"],
+            f"select='val/precision_at_1_best' is invalid; allowed: {SELECT}",
+        ),
+        (
+            ["heads=[softmax]", "columns=[test/acc,test/bogus]"],
+            "columns: 'test/bogus' is not recorded by a job of experiment=mnist_openset; allowed: val/acc_best, "
+            "test/acc, test/acc_margin, test/loss, test/precision_at_1, test/map_at_r, ",
+        ),
+        (  # held-out identities: validation selects on retrieval, and there is no closed-set accuracy to report
+            [
+                "heads=[softmax]",
+                "+train.data.val_split=by_class",
+                "select=val/precision_at_1_best",
+                "columns=[test/acc]",
+            ],
+            "columns: 'test/acc' is not recorded by a job of experiment=mnist_openset; allowed: "
+            "val/precision_at_1_best, test/precision_at_1, ",
+        ),
+        (
+            ["heads=[softmax]", "+train.trainer.bogus=1"],
+            "train: the train config does not compose with head=softmax: Could not override 'trainer.bogus'.",
+        ),
     ],
 )
-def test_bad_settings_are_refused_in_one_line_before_any_training(tmp_path, override, message) -> None:
-    from arcface_lightning.compare import compare
+def test_bad_settings_are_refused_in_one_line_before_any_training(tmp_path, monkeypatch, overrides, message) -> None:
+    from arcface_lightning import compare as module
     from arcface_lightning.runs import run
-    from conftest import compose_config
 
-    cfg = compose_config(override, config_name="compare")
+    monkeypatch.setattr(module, "multirun", lambda *args: pytest.fail("a multirun was launched"))
+    cfg = compose_config(*overrides, config_name="compare")
     cfg.paths.output_dir = str(tmp_path)
-    with pytest.raises(SystemExit, match="^error: " + re.escape(message)):
-        run(compare, cfg)
+    with pytest.raises(SystemExit, match="^error: " + re.escape(message)) as refused:
+        run(module.compare, cfg)
+    assert "\n" not in str(refused.value)
     assert not (tmp_path / "search").exists() and not (tmp_path / "seeds").exists()
+
+
+def test_the_selection_metric_follows_the_protocols_validation_split(tmp_path, monkeypatch) -> None:
+    """With held-out identities (by_class) the retrieval selection metric is accepted and the comparison starts."""
+    from arcface_lightning import compare as module
+
+    class Launched(Exception):
+        pass
+
+    def launch(cfg, sweep_dir, head, sweeps):
+        raise Launched(head)
+
+    monkeypatch.setattr(module, "multirun", launch)
+    overrides = ["heads=[softmax]", "+train.data.val_split=by_class", "select=val/precision_at_1_best"]
+    cfg = compose_config(*overrides, "columns=[test/precision_at_1,openset/map_at_r]", config_name="compare")
+    cfg.paths.output_dir = str(tmp_path)
+    with pytest.raises(Launched, match=r"^softmax$"):
+        module.compare(cfg)

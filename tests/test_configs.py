@@ -9,9 +9,11 @@ import pytest
 import torch
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torchvision.io import write_png
 
 from arcface_lightning.config import native_bf16_precision
+from arcface_lightning.module import build_head
 from arcface_lightning.train import build
 from conftest import CONF, cli, compose_config
 
@@ -197,6 +199,19 @@ def test_every_experiment_composes_and_builds(experiment: str, tmp_path: Path) -
     assert cfg.task_name == ("train" if experiment == "mnist_default" else experiment)
 
 
+@pytest.mark.parametrize("head", OPTIONS["head"])
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_builds_with_every_head(experiment: str, head: str) -> None:
+    """README: experiments combine with any head. A head chosen on the command line comes with its own settings,
+    never with keys the experiment set for the head it chose itself (ArcFace's s and m mean nothing to softmax).
+    The backbone does not depend on the head: each experiment's is built and run above."""
+    cfg = compose_config(f"experiment={experiment}", f"head={head}", "paths.output_dir=/unused")
+    assert OmegaConf.to_container(cfg.head) == OmegaConf.to_container(OmegaConf.load(CONF / "head" / f"{head}.yaml"))
+    head_module = build_head(OmegaConf.to_container(cfg.head, resolve=True))  # as the model builds it
+    embeddings, labels = torch.randn(2, cfg.embedding_size), torch.tensor([0, cfg.data.num_classes - 1])
+    assert head_module(embeddings, labels).shape == (2, cfg.data.num_classes)
+
+
 def test_recipes_are_what_their_comments_say() -> None:
     fast = compose_config("experiment=mnist_fast")
     assert fast.head._target_.endswith("ArcFaceHead") and fast.trainer.max_epochs <= 2 and fast.backbone.batch_norm
@@ -206,6 +221,9 @@ def test_recipes_are_what_their_comments_say() -> None:
     assert cifar.backbone._target_.endswith("ResNet") and list(cifar.backbone.blocks) == [2, 2, 2, 2]
     assert cifar.data.augment.kind == "crop_flip" and cifar.optimizer._target_ == "torch.optim.SGD"
     assert cifar.head._target_.endswith("ArcFaceHead")
+    assert (fast.head.s, fast.head.m) == (best.head.s, best.head.m) == (16.0, 0.3)  # the experiment's own head
+    two_d, three_d = compose_config("experiment=mnist_2d"), compose_config("experiment=mnist_3d")
+    assert (two_d.head.s, two_d.head.m, three_d.head.s, three_d.head.m) == (10.0, 0.1, 30.0, 0.3)
 
 
 def test_the_default_experiment_is_the_quick_recipe() -> None:

@@ -191,31 +191,6 @@ def test_other_swept_keys_get_one_heatmap_per_value(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    "make, message",
-    [
-        (lambda d: d.mkdir(), "is not a sweep dir: no <job>/.hydra/overrides.yaml in it"),
-        (
-            lambda d: (
-                (d / "0" / ".hydra").mkdir(parents=True) or (d / "0" / ".hydra" / "overrides.yaml").write_text("[]")
-            ),
-            "has no finished jobs: no <job>/metrics.json in it",
-        ),
-    ],
-)
-def test_report_refuses_what_is_not_a_finished_sweep(tmp_path: Path, make, message: str) -> None:
-    folder = tmp_path / "folder"
-    make(folder)
-    result = subprocess.run(
-        [sys.executable, "-m", "arcface_lightning.report", str(folder)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode != 0 and result.stderr.strip() == f"error: {folder} {message}"
-
-
 def test_two_sweeps_started_together_get_their_own_folders() -> None:
     command = [sys.executable, "-m", "arcface_lightning.train", "--cfg", "all", "--resolve", "-p", "hydra.sweep.dir"]
     processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(2)]
