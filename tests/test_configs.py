@@ -238,10 +238,18 @@ def test_the_default_experiment_is_the_quick_recipe() -> None:
 def test_native_bf16_reads_the_cpu_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n")
-    assert native_bf16_precision(cpuinfo) == "bf16-mixed"
+    assert native_bf16_precision(cpuinfo, capability="AVX512") == "bf16-mixed"
+    # PyTorch held below AVX512 (ATEN_CPU_CAPABILITY=avx2|default, or oneDNN's ISA): bf16 is emulated there
+    assert native_bf16_precision(cpuinfo, capability="AVX2") == "32-true"
+    assert native_bf16_precision(cpuinfo, capability="DEFAULT") == "32-true"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert native_bf16_precision(cpuinfo, capability="AVX512") == "32-true"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert native_bf16_precision(cpuinfo, capability="AVX512") == "bf16-mixed"
     cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
-    assert native_bf16_precision(cpuinfo) == "32-true"
+    assert native_bf16_precision(cpuinfo, capability="AVX512") == "32-true"
     assert native_bf16_precision(tmp_path / "absent") == "32-true"  # no /proc (macOS, Windows)
 
 
