@@ -9,10 +9,10 @@ to its contract's size and channels. The threshold: `threshold=<cosine>` when gi
 the model at `far` (a false accept rate: callbacks.VerificationThresholds chose it on the validation pairs of the
 checkpoint's own epoch, and export copies it into the file). A pair is "same" when its score is ≥ the threshold.
 
-An image whose shorter side is less than half the model's `image_size` is scored with a warning: resizing it up
-more than 2× invents most of the pixels the model sees (a 1×1 image becomes a flat square), so its score says little
-about the identity. A TorchScript `ckpt_path` (.pt) is a program: loading it runs the code it holds, so give only
-files you trust.
+An image whose shorter side is less than half the model's `image_size` is scored with a warning: resizing it up more
+than 2× invents most of the pixels the model sees (a 1×1 image becomes a flat square), so its score says little
+about the identity (metrics.json names it under `small_images`). A TorchScript `ckpt_path` (.pt) is a program:
+loading it runs the code it holds, so give only files you trust.
 """
 
 from __future__ import annotations
