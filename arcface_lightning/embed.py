@@ -12,10 +12,13 @@ image size and channels. Without `input`, `split=train|val|test` of the checkpoi
 `data.*` as in evaluate); its sources are `<split>:<index>` in the split's order.
 
 The file (inference.save_embeddings), read with NumPy alone: `np.load(path)` → `embeddings` float32 (N, D), `labels`
-int64, `sources`, `classes`, `contract` (JSON), `model`. Why .npz rather than Parquet: a float matrix and a few
-string arrays, read with no extra dependency and no pickle, memory-mappable by `np.load(..., mmap_mode="r")` once
-unzipped. Embeddings are collected on the host (N × D × 4 bytes) and written once; under DDP each rank writes its
-share aside, rank zero merges them in sample order and drops the distributed sampler's padding repeats.
+int64, `sources`, `classes`, `contract` (JSON, with the SHA-256 of the model's weights: search refuses to compare
+embeddings of two models), `model`. `output` is checked before any work (not a folder, in a folder that can be
+written) and written aside: a failure, Ctrl-C or SIGTERM leaves neither it nor the ranks' shares behind. Why .npz
+rather than Parquet: a float matrix and a few string arrays, read with no extra dependency and no pickle,
+memory-mappable by `np.load(..., mmap_mode="r")` once unzipped. Embeddings are collected on the host (N × D × 4
+bytes) and written once; under DDP each rank writes its share aside, rank zero merges them in sample order and drops
+the distributed sampler's padding repeats.
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ from arcface_lightning.data.augment import BatchPreparation
 from arcface_lightning.data.images import ImageFiles, ImageIndex
 from arcface_lightning.inference import (
     Contract,
-    contract_from_checkpoint,
+    check_output,
+    checkpoint_contract,
     index_inputs,
-    read_checkpoint,
     save_embeddings,
+    sigterm_raises,
 )
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
-from arcface_lightning.runs import check_ckpt_path, load_checkpoint, run, start
+from arcface_lightning.runs import load_checkpoint, run, start
 
 SPLITS = ("train", "val", "test")
 
@@ -97,8 +101,9 @@ def embed(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"output={output}: embeddings are written as .npz; give a file name ending in .npz")
     if cfg.input is None and cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split} is not one of {', '.join(SPLITS)} (or give input=<images>)")
-    ckpt_path = check_ckpt_path(cfg.ckpt_path)
-    contract = contract_from_checkpoint(read_checkpoint(ckpt_path))  # memory-mapped: only its settings are read
+    check_output(output)
+    ckpt_path = str(cfg.ckpt_path)
+    contract = checkpoint_contract(ckpt_path)  # memory-mapped: only its settings (and the backbone's weights) are read
     model, datamodule = load_checkpoint(cfg, ckpt_path)
     if cfg.input is not None:  # read the list before any work: a missing folder or an empty one is one line
         paths, labels, classes = index_inputs(cfg.input)
@@ -107,21 +112,26 @@ def embed(cfg: DictConfig) -> dict[str, Any]:
         sources = paths
     else:
         datamodule.predict_split, classes = cfg.split, datamodule.classes or contract.classes
-    output.parent.mkdir(parents=True, exist_ok=True)
     writer = EmbeddingWriter(output)
     trainer = instantiate_node(cfg, "trainer", callbacks=[writer], logger=False)
-    trainer.predict(model, datamodule=datamodule, return_predictions=False)
-    trainer.strategy.barrier()
-    if not trainer.is_global_zero:
-        return {}
-    shares = [torch.load(part(output, trainer, r), weights_only=True) for r in range(trainer.world_size)]
-    indices = torch.cat([s["indices"] for s in shares])
-    order, first = np.unique(indices.numpy(), return_index=True)  # sorted by sample; padding repeats dropped once
-    embeddings = torch.cat([s["embeddings"] for s in shares])[first].numpy()
-    labels = torch.cat([s["labels"] for s in shares])[first].numpy()
-    if cfg.input is None:
-        sources = [f"{cfg.split}:{i}" for i in order]
-    save_embeddings(output, embeddings, labels, sources, contract, str(ckpt_path), classes)
+    try:  # Trainer.predict only notes a SIGTERM; sigterm_raises stops it, and nothing half-written is left
+        with sigterm_raises():
+            trainer.predict(model, datamodule=datamodule, return_predictions=False)
+            trainer.strategy.barrier()
+            if not trainer.is_global_zero:
+                return {}
+            shares = [torch.load(part(output, trainer, r), weights_only=True) for r in range(trainer.world_size)]
+            indices = torch.cat([s["indices"] for s in shares])
+            order, first = np.unique(indices.numpy(), return_index=True)  # sorted; padding repeats dropped once
+            embeddings = torch.cat([s["embeddings"] for s in shares])[first].numpy()
+            labels = torch.cat([s["labels"] for s in shares])[first].numpy()
+            if cfg.input is None:
+                sources = [f"{cfg.split}:{i}" for i in order]
+            save_embeddings(output, embeddings, labels, sources, contract, ckpt_path, classes)
+    except BaseException:  # an error, Ctrl-C or SIGTERM: no share left behind (rank zero: every rank's)
+        for r in range(trainer.world_size) if trainer.is_global_zero else [trainer.global_rank]:
+            part(output, trainer, r).unlink(missing_ok=True)
+        raise
     for r in range(trainer.world_size):
         part(output, trainer, r).unlink()
     print(f"{output}: {len(embeddings)} embeddings of size {embeddings.shape[1]}")

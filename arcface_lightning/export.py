@@ -13,9 +13,16 @@ TorchScript extra files (`contract.json`, `input_dtype`); inference.load_model r
 dynamo exporter (the legacy TorchScript-based one only where dynamo fails, said in the log); it needs
 `pip install "arcface-lightning[onnx]"`. TorchScript is torch.jit.trace.
 
+The contract carries the SHA-256 of the backbone's weights (inference.weights_fingerprint, the same as embed records
+from the checkpoint), so that search can tell embeddings of this file from those of another model.
+
+The output path is checked before the checkpoint is read (a folder, or a folder that cannot be written, is one line).
 The file is written aside, read back with inference.load_model and compared with the eager model on a random batch
-of 2 (the max abs difference is printed), then renamed over `output`: an existing file is overwritten, and a failed
-export leaves nothing behind.
+of 2 (the max abs difference is printed), then renamed over `output`: an existing file is overwritten, and a failed,
+interrupted (Ctrl-C) or terminated (SIGTERM) export leaves nothing behind.
+
+A TorchScript file (format=torchscript) is a program: loading it runs the code it holds, so load only files you trust
+(an ONNX file is data).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import io
 import logging
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +48,15 @@ from arcface_lightning.inference import (
     Contract,
     Embedder,
     ModelError,
+    check_output,
     embedder_from_checkpoint,
     load_model,
+    reraise_interruption,
+    weights_fingerprint,
+    written_aside,
 )
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
-from arcface_lightning.runs import check_ckpt_path, run, start
+from arcface_lightning.runs import run, start
 
 log = logging.getLogger(__name__)
 SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript")}  # what inference.load_model reads
@@ -88,6 +100,7 @@ def write_onnx(
         )
         model, exporter = program.model_proto, "dynamo"
     except Exception as error:  # an operator dynamo cannot trace: the TorchScript-based exporter
+        reraise_interruption(error)
         log.warning("dynamo ONNX export failed (%s); using the legacy exporter", one_line(error))
         buffer = io.BytesIO()
         axes = {"images": {0: "batch"}, "embeddings": {0: "batch"}}
@@ -129,18 +142,20 @@ def check_export(path: Path, embedder: Embedder, contract: Contract, images: tor
 def export_model(
     embedder: Embedder, contract: Contract, format: str, output: str | Path, input_dtype: str = "uint8", opset: int = 18
 ) -> dict[str, Any]:
-    """Write `embedder` (put in eval mode) to `output` as `format` (onnx or torchscript), read it back with
-    inference.load_model and compare it with the eager model on a random uint8 batch of 2. Returns what was written:
-    output, format, input_dtype, exporter, max_abs_diff."""
+    """Write `embedder` (put in eval mode) to `output` as `format` (onnx or torchscript), with `contract` and the
+    SHA-256 of the backbone's weights in it, read it back with inference.load_model and compare it with the eager
+    model on a random uint8 batch of 2. Returns what was written: output, format, input_dtype, exporter,
+    max_abs_diff, weights_sha256."""
     check_arguments(format, output, input_dtype, opset)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f"{output.name}.partial{output.suffix}")  # a suffix load_model reads, to check it
+    output = check_output(output)
+    contract = replace(contract, weights_sha256=weights_fingerprint(embedder.backbone.state_dict()))
     shape = (2, contract.in_channels, contract.image_size, contract.image_size)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     embedder.eval()
     try:
-        with warnings.catch_warnings():  # torch 2.14 marks torch.jit deprecated; the format still loads everywhere
+        # the partial file keeps the output's suffix: load_model reads it by that, to check it
+        with written_aside(output) as partial, warnings.catch_warnings():
+            # torch 2.14 marks torch.jit deprecated; the format still loads everywhere
             warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
             embedder.uint8_input = input_dtype == "uint8"
             inputs = images if embedder.uint8_input else images.float() / 255
@@ -149,16 +164,15 @@ def export_model(
                 exporter = write(embedder, inputs, contract, input_dtype, opset, partial)
             embedder.uint8_input = True
             diff = check_export(partial, embedder, contract, images, output)
-        partial.replace(output)
     finally:
         embedder.uint8_input = True
-        partial.unlink(missing_ok=True)
     return {
         "output": str(output),
         "format": format,
         "input_dtype": input_dtype,
         "exporter": exporter,
         "max_abs_diff": diff,
+        "weights_sha256": contract.weights_sha256,
     }
 
 
@@ -168,15 +182,15 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         if OmegaConf.is_missing(cfg, key):
             raise ConfigError(f"{key} is required: {USAGE}")
     check_arguments(cfg.format, cfg.output, cfg.input_dtype, cfg.opset)  # before the checkpoint is read
-    ckpt_path = check_ckpt_path(cfg.ckpt_path)
+    check_output(cfg.output)
     for name in ("onnxscript", "onnx_ir"):  # the dynamo exporter's optimiser logs a line per pass at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
-    embedder, contract = embedder_from_checkpoint(ckpt_path)
+    embedder, contract = embedder_from_checkpoint(cfg.ckpt_path)
     written = export_model(embedder, contract, cfg.format, cfg.output, cfg.input_dtype, cfg.opset)
     log.info("wrote %s (%s, %s, %s input)", written["output"], cfg.format, written["exporter"], cfg.input_dtype)
     log.info("contract: %s", contract.to_json())
     log.info("max abs diff vs the eager model on a random batch of 2: %.3g", written["max_abs_diff"])
-    return {**written, "checkpoint": str(ckpt_path), "tags": list(cfg.get("tags") or [])}
+    return {**written, "checkpoint": str(cfg.ckpt_path), "tags": list(cfg.get("tags") or [])}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")

@@ -12,6 +12,13 @@ score). Where queries and gallery both have labels, top-1 accuracy is printed to
 leaves each item's own entry out (leave-one-out), so that top-1 accuracy is evaluate's precision@1. k larger than
 the gallery is clamped to its size, with a warning. (In conf/search.yaml the model's key is `query_model`: conf/model/
 is a config group, so Hydra would read `model=` as a choice of it; cli() passes `model=` on as `query_model=`.)
+
+No silent wrong answers: a query file or a model from another model than the gallery's (told apart by the SHA-256 of
+their weights in the contract; a file written before that records none, said in a warning), rows that are not unit
+length (their dot products are no cosines), malformed arrays, and an `output=` that is one of the inputs or cannot
+be written are refused in one line before the search. The CSV is written aside and renamed.
+
+`model=` may be a TorchScript file (.pt): loading one runs the code it holds, so give only files you trust.
 """
 
 from __future__ import annotations
@@ -33,7 +40,15 @@ from omegaconf import DictConfig, OmegaConf
 from arcface_lightning.config import CONF_DIR, ConfigError, register_configs
 from arcface_lightning.data import DataError
 from arcface_lightning.data.images import read_image
-from arcface_lightning.inference import Embeddings, embed_images, index_inputs, load_model, read_embeddings
+from arcface_lightning.inference import (
+    Embeddings,
+    check_output,
+    embed_images,
+    index_inputs,
+    load_model,
+    read_embeddings,
+    written_aside,
+)
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.runs import run, start
 
@@ -122,6 +137,24 @@ def check_settings(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is invalid; allowed: an integer ≥ {int(key != 'print_queries')}")
     if cfg.index not in ("exact", "faiss"):
         raise ConfigError(f"index={cfg.index!r} is invalid; allowed: exact, faiss")
+    if cfg.output:
+        check_output(cfg.output)
+
+
+def check_output_is_new(cfg: DictConfig, gallery: Embeddings) -> None:
+    """The hits must not replace an input: the gallery, the query (a file or a list), or the model that embeds it."""
+    inputs = {"gallery": cfg.gallery, "query": cfg.query, "model": cfg.query_model}
+    named = {f"{key}={value}": value for key, value in inputs.items() if value is not None}
+    named.setdefault(f"the model of gallery={cfg.gallery}", gallery.model)
+    for what, value in named.items():
+        if same_file(cfg.output, value):
+            raise ConfigError(f"output={cfg.output} is {what}; give another file name for the hits")
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (through links, `..` or a second hard link)."""
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
 def embed_query(cfg: DictConfig, gallery: Embeddings) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
@@ -129,12 +162,15 @@ def embed_query(cfg: DictConfig, gallery: Embeddings) -> tuple[np.ndarray, np.nd
     what = f"gallery={cfg.gallery}"
     if str(cfg.query).endswith(".npz"):
         query = read_embeddings(cfg.query, "query")
-        gallery.contract.check_same(query.contract, what, f"query={cfg.query}")
+        if not same_file(cfg.query, cfg.gallery):  # leave-one-out: one file, one model
+            gallery.contract.check_same(query.contract, what, f"query={cfg.query}")
+            gallery.contract.check_same_model(query.contract, what, f"query={cfg.query}")
         return query.embeddings, query.labels, [str(s) for s in query.sources], query.classes
     paths, labels, classes = index_inputs(cfg.query, "query")
     model = cfg.query_model or gallery.model
     embed, contract = load_model(model, key="model" if cfg.query_model else "the gallery's model")
     gallery.contract.check_same(contract, what, f"model={model}")
+    gallery.contract.check_same_model(contract, what, f"model={model}")
     size, channels, batch = contract.image_size, contract.in_channels, cfg.batch_size
     parts = [
         embed_images(embed, [read_image(p, channels, size) for p in paths[i : i + batch]], batch)
@@ -152,6 +188,8 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     start(cfg)
     check_settings(cfg)
     gallery = read_embeddings(cfg.gallery, "gallery")
+    if cfg.output:
+        check_output_is_new(cfg, gallery)
     queries, query_labels, sources, query_classes = embed_query(cfg, gallery)
     if queries.shape[1] != gallery.embeddings.shape[1]:  # files whose arrays contradict their contracts
         raise DataError(f"query={cfg.query} and gallery={cfg.gallery} hold embeddings of different sizes")
@@ -198,12 +236,10 @@ def search(cfg: DictConfig) -> dict[str, Any]:
 def write_csv(path: Path, rows: Iterable[tuple]) -> Path:
     """query, rank, gallery, label, score: written aside and renamed, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", newline="") as f:
+    with written_aside(path) as partial, partial.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(("query", "rank", "gallery", "label", "score"))
         writer.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 

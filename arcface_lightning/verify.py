@@ -8,10 +8,16 @@
 to its contract's size and channels. The threshold: `threshold=<cosine>` when given; otherwise the one saved with
 the model at `far` (a false accept rate: callbacks.VerificationThresholds chose it on the validation pairs of the
 checkpoint's own epoch, and export copies it into the file). A pair is "same" when its score is ≥ the threshold.
+
+An image whose shorter side is less than half the model's `image_size` is scored with a warning: resizing it up more
+than 2× invents most of the pixels the model sees (a 1×1 image becomes a flat square), so its score says little
+about the identity (metrics.json names it under `small_images`). A TorchScript `ckpt_path` (.pt) is a program:
+loading it runs the code it holds, so give only files you trust.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,12 +25,41 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torchvision.io import decode_image, read_file
 
 from arcface_lightning.config import CONF_DIR, ConfigError, register_configs
 from arcface_lightning.data.images import read_image
 from arcface_lightning.inference import ModelError, far_key, load_model
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.runs import run, start
+
+log = logging.getLogger(__name__)
+SMALL_IMAGE_FRACTION = 0.5  # of image_size: a shorter side below it is resized up more than 2×
+
+
+def original_size(path: str) -> tuple[int, int] | None:
+    """(height, width) of an image file as stored, or None where it cannot be read (read_image says why)."""
+    try:
+        return tuple(decode_image(read_file(path)).shape[-2:])
+    except Exception:
+        return None
+
+
+def warn_if_small(key: str, path: str, image_size: int) -> bool:
+    """Warn (one line, in the log) where an image's shorter side is below SMALL_IMAGE_FRACTION of the model's input."""
+    size = original_size(path)
+    if size is None or min(size) >= SMALL_IMAGE_FRACTION * image_size:
+        return False
+    log.warning(
+        "%s=%s is %d×%d, far smaller than the model's %d×%d input: its score says little about the identity",
+        key,
+        path,
+        size[1],
+        size[0],
+        image_size,
+        image_size,
+    )
+    return True
 
 
 def verify(cfg: DictConfig) -> dict[str, Any]:
@@ -35,7 +70,10 @@ def verify(cfg: DictConfig) -> dict[str, Any]:
                 f"{key} is required: python -m arcface_lightning.verify ckpt_path=<model> a=<img> b=<img>"
             )
     for key in ("a", "b"):
-        if not Path(str(cfg[key])).is_file():
+        path = Path(str(cfg[key]))
+        if path.is_dir():
+            raise ConfigError(f"{key}={cfg[key]} is a folder; give an image file (png, jpg, gif, webp)")
+        if not path.is_file():
             raise ConfigError(f"{key}={cfg[key]}: no such file; give an image (png, jpg, gif, webp)")
     threshold = cfg.threshold
     if threshold is not None and not (isinstance(threshold, (int, float)) and -1 <= threshold <= 1):
@@ -54,11 +92,13 @@ def verify(cfg: DictConfig) -> dict[str, Any]:
     else:
         source = "threshold (given)"
     images = [read_image(str(cfg[key]), contract.in_channels, contract.image_size) for key in ("a", "b")]
+    small = [key for key in ("a", "b") if warn_if_small(key, str(cfg[key]), contract.image_size)]
     x = embed(torch.stack(images))
     score = float((x[0] * x[1]).sum())
     same = score >= threshold
     print(f"score {score:.4f}  {source} {threshold:.4f}  {'same' if same else 'different'}")
-    return {"score": score, "threshold": float(threshold), "same": bool(same), "a": str(cfg.a), "b": str(cfg.b)}
+    record = {"score": score, "threshold": float(threshold), "same": bool(same), "a": str(cfg.a), "b": str(cfg.b)}
+    return {**record, "small_images": small} if small else record
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="verify")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from arcface_lightning.inference import (
     contract_from_checkpoint,
     embedder_from_checkpoint,
     load_model,
+    weights_fingerprint,
 )
 from arcface_lightning.runs import run
 from conftest import CONF, cli, compose_config
@@ -78,7 +80,8 @@ def test_export_matches_eager_at_any_batch_with_its_contract(backbone: str, form
     assert written["max_abs_diff"] <= 1e-4 and written["input_dtype"] == "uint8"
     assert sorted(p.name for p in tmp_path.iterdir()) == [FORMATS[format]]  # one file: weights inside, no .partial
     embed, read_back = load_model(tmp_path / FORMATS[format], key="output")
-    assert read_back == contract
+    fingerprint = weights_fingerprint(embedder.backbone.state_dict())  # the contract it was given has none
+    assert read_back == replace(contract, weights_sha256=fingerprint) and written["weights_sha256"] == fingerprint
     batch = images(contract, 5)
     for part in (batch[:1], batch):  # batch 1 and 5: the batch dimension is dynamic
         out, expected = embed(part), eager(embedder, part)
@@ -174,6 +177,8 @@ def test_export_of_a_checkpoint_in_process_and_through_the_cli(trained, tmp_path
     cfg.paths.output_dir = str(tmp_path / "run")
     record = run(export, cfg)
     assert record["status"] == "ok" and record["max_abs_diff"] <= 1e-4 and record["checkpoint"] == ckpt, record
+    # the checkpoint's backbone entries and the eager module's state: one fingerprint, in the file and the record
+    assert contract.weights_sha256 is not None and record["weights_sha256"] == contract.weights_sha256
     embed, read_back = load_model(tmp_path / "m.pt")
     assert read_back == contract
     assert np.abs(embed(batch) - eager(embedder, batch)).max() <= 1e-4
