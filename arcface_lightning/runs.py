@@ -51,20 +51,10 @@ def check_ckpt_path(ckpt_path: str | None, output_dir: Path | None = None) -> st
         ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
         if not Path(ckpt_path).is_file():
             raise ConfigError(f"ckpt_path=last: no {ckpt_path}; pass hydra.run.dir=<the run dir to resume>")
-    path = Path(ckpt_path)
-    if path.is_dir():
-        raise ConfigError(f"ckpt_path={ckpt_path} is a folder; give the path of a .ckpt file")
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path} does not exist; give the path of a .ckpt file")
-    if path.suffix in (".onnx", ".pt", ".ts", ".torchscript"):
-        raise ConfigError(f"ckpt_path={ckpt_path} is an export; this command needs a .ckpt checkpoint of training")
     try:  # fail now, with one line, rather than after Lightning has set everything up
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        raise ConfigError(f"ckpt_path={ckpt_path} is not a readable checkpoint: {one_line(error)}") from error
-    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict)):
-        what = type(checkpoint).__name__
-        raise ConfigError(f"ckpt_path={ckpt_path} is not a Lightning checkpoint (it holds a {what}, no state_dict)")
+        read_checkpoint(ckpt_path)
+    except ModelError as error:
+        raise ConfigError(str(error)) from None
     return ckpt_path
 
 

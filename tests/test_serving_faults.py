@@ -20,7 +20,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import open_dict
 from torchvision.io import write_png
 
-from arcface_lightning import runs
 from arcface_lightning.embed import embed
 from arcface_lightning.export import export
 from arcface_lightning.inference import (
@@ -367,7 +366,5 @@ def test_export_stopped_by_a_signal_leaves_no_partial_file(signum: int, trained,
     assert list(out.parent.iterdir()) == []
     assert "needs onnxruntime" not in stdout + stderr  # the wrong reason an interrupted import used to give
     name = signal.Signals(signum).name
-    if signum == signal.SIGINT and not hasattr(runs, "sigint_as_sigterm"):
-        return  # Ctrl-C is KeyboardInterrupt's traceback until runs.run reports it in one line (lead's change)
     assert stderr.strip().splitlines()[-1].startswith(f"interrupted: {name}"), stderr[-2000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "interrupted"

@@ -16,7 +16,7 @@ import torch
 
 from arcface_lightning import registry
 from arcface_lightning.evaluate import evaluate
-from arcface_lightning.inference import load_model
+from arcface_lightning.inference import ModelError, load_model
 from arcface_lightning.module import ArcFaceModule
 from arcface_lightning.registry import TargetNotAllowed, allow, check_part, is_allowed
 from arcface_lightning.runs import load_checkpoint, run
@@ -97,7 +97,7 @@ def test_a_checkpoint_naming_a_callable_is_refused_by_every_loader(good_checkpoi
     with pytest.raises(TargetNotAllowed, match=expected):
         ArcFaceModule.load_from_checkpoint(hostile, map_location="cpu")
     # inference.load_model: verify, search's model=, embed's and export's model
-    with pytest.raises(TargetNotAllowed, match=expected):
+    with pytest.raises(ModelError, match=f"ckpt_path={hostile} could not be loaded: .*{expected}"):
         load_model(hostile)
     # evaluate and embed: the module and data module from the checkpoint, one line naming the file
     cfg = compose_config(f"ckpt_path={hostile}", f"paths.data_dir={data}", "trainer=cpu", config_name="eval")
