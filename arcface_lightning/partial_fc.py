@@ -161,7 +161,7 @@ class DistributedCrossEntropy(torch.autograd.Function):
         top = logits.max(1).values
         if distributed:
             dist.all_reduce(top, dist.ReduceOp.MAX)
-        exp = (logits - top[:, None]).exp()
+        exp = (logits - top[:, None]).exp_()  # in place here and below: a (B, k) matrix less each time
         total = exp.sum(1)
         here = target >= 0
         index = target.clamp(min=0)[:, None]
@@ -169,7 +169,7 @@ class DistributedCrossEntropy(torch.autograd.Function):
         if distributed:
             dist.all_reduce(total)
             dist.all_reduce(target_logit)  # each row's target lives on exactly one rank
-        probs = exp / total[:, None]
+        probs = exp.div_(total[:, None])
         ctx.save_for_backward(probs, index, here)
         ctx.mark_non_differentiable(probs)
         return (total.log() - target_logit).mean(), probs
@@ -178,7 +178,7 @@ class DistributedCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None]:
         probs, index, here = ctx.saved_tensors
         grad = probs.scatter_add(1, index, -here.to(probs.dtype)[:, None])
-        return grad * (grad_loss / len(probs)), None
+        return grad.mul_(grad_loss / len(probs)), None
 
 
 class PartialFC(nn.Module):

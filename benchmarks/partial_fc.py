@@ -63,15 +63,15 @@ def working_set(kind: str, classes: int, rate: float, world: int, save: bool = F
     Full head: weight, momentum, weight.grad, normalize()'s quotient and output and the backward's two C×E
     temporaries (6 C×E), plus 4 (B × C) logits-sized matrices. PartialFC: at start, one process builds the full
     C×E matrix; sharded, a rank makes only its rows (and one block of draws). Then the rows and their momentum; the
-    sampled rows' copy, their momentum's copy, gradient, normalize()'s and the backward's temporaries (6 k×E; 5 when
-    every row is sampled: no copy), and 6 (global batch × k) matrices. Saving (--save): rank zero also holds the
-    whole matrix and its momentum (2 C×E)."""
+    sampled rows' copy, their momentum's copy, the normalised rows and the gradient (4 k×E; 2 when every row is
+    sampled: no copies), and 4 (global batch × k) matrices. Saving (--save): rank zero also holds the whole matrix
+    and its momentum (2 C×E)."""
     row, k = 4 * E, sampled(classes, rate, world)
     if kind == "full":
         return 6 * classes * row + 4 * B * classes * 4
     rows = -(-classes // world)
     start = rows * row + ROW_BLOCK_ELEMENTS * 4 if world > 1 else classes * row
-    steady = 2 * rows * row + (5 if k == rows else 6) * k * row + 6 * B * world * k * 4
+    steady = 2 * rows * row + (2 if k == rows else 4) * k * row + 4 * B * world * k * 4
     return max(start, steady, 2 * rows * row + 2 * classes * row if save and world > 1 else 0)
 
 
