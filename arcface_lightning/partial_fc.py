@@ -335,6 +335,12 @@ class PartialFC(nn.Module):
                 self.optimizer_state[name][self._index] = value
             else:
                 self.optimizer_state[name].copy_(value)
+        # the step's rows and their gradient go now: in the optimiser's group they would live through the next
+        # forward, until the next attach
+        group = optimizer.param_groups[-1]
+        if group["params"][0] is self.sampled:
+            group["params"][0] = nn.Parameter(self.weight.new_zeros(0, self.embedding_size))
+        self.sampled.grad = None
         self.sampled, self._index = None, None
 
     # -- the loss and the predictions --------------------------------------------------------------------------
@@ -393,12 +399,13 @@ class PartialFC(nn.Module):
         at = target.clamp(min=0)[:, None]
         cos_target = cos.gather(1, at)
         margin = torch.where((target >= 0)[:, None], self.psi(cos_target), cos_target)
-        logits = self.s * cos
-        margin_logits = logits.scatter(1, at, self.s * margin)
+        # (B, k) matrices one at a time where autograd allows: neither scatter_ nor the scaling saves its input
+        margin_logits = (self.s * cos).scatter_(1, at, self.s * margin)
         loss, probs = DistributedCrossEntropy.apply(margin_logits, target)
         own = slice(self.rank * rows, (self.rank + 1) * rows) if self.world > 1 else slice(None)
-        preds = self._argmax(logits.detach(), index)[own]
         margin_preds = self._argmax(margin_logits.detach(), index)[own]
+        del margin_logits
+        preds = self._argmax(self.s * cos.detach(), index)[own]
         return {"loss": loss, "preds": preds, "margin_preds": margin_preds, "probs": probs, "index": index}
 
     def _argmax(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -62,16 +62,17 @@ def working_set(kind: str, classes: int, rate: float, world: int, save: bool = F
     """Bytes per process from the shapes: what the step holds at its peak, counted tensor by tensor.
     Full head: weight, momentum, weight.grad, normalize()'s quotient and output and the backward's two C×E
     temporaries (6 C×E), plus 4 (B × C) logits-sized matrices. PartialFC: at start, one process builds the full
-    C×E matrix; sharded, a rank makes only its rows (and one block of draws). Then the rows and their momentum; the
-    sampled rows' copy, their momentum's copy, the normalised rows and the gradient (4 k×E; 2 when every row is
-    sampled: no copies), and 4 (global batch × k) matrices. Saving (--save): rank zero also holds the whole matrix
-    and its momentum (2 C×E)."""
+    C×E matrix; sharded, a rank makes only its rows (and one block of draws). Then the rows and their momentum, and
+    the step's peak: in the forward the sampled rows' copy, the normalised rows and 3 (global batch × k) matrices;
+    in the backward and the optimiser step 4 k×E (the copy, its momentum, its gradient and one temporary; 2 when
+    every row is sampled: no copies). Saving (--save): rank zero also holds the whole matrix and its momentum."""
     row, k = 4 * E, sampled(classes, rate, world)
     if kind == "full":
         return 6 * classes * row + 4 * B * classes * 4
     rows = -(-classes // world)
     start = rows * row + ROW_BLOCK_ELEMENTS * 4 if world > 1 else classes * row
-    steady = 2 * rows * row + (2 if k == rows else 4) * k * row + 4 * B * world * k * 4
+    step = max((2 if k == rows else 4) * k * row, 2 * k * row + 3 * B * world * k * 4)
+    steady = 2 * rows * row + step
     return max(start, steady, 2 * rows * row + 2 * classes * row if save and world > 1 else 0)
 
 
