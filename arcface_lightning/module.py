@@ -289,7 +289,8 @@ class ArcFaceModule(L.LightningModule):
         return torch.Generator(device).manual_seed(seed % 2**63)
 
     def setup(self, stage: str) -> None:
-        """Partial FC: shard the centres once the process group exists, and keep them out of DDP's reach."""
+        """Partial FC: once the process group exists, this rank's rows of the centres (made here when build_head
+        deferred them, else kept from the full matrix), out of DDP's reach."""
         if isinstance(self.head, PartialFC) and self.trainer is not None:
             if self.trainer.accumulate_grad_batches != 1:
                 raise ValueError("head.sample_rate / head.sharded: trainer.accumulate_grad_batches must be 1")

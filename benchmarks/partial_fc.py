@@ -20,8 +20,9 @@ module.on_save_checkpoint does after the steps: the centres and their momentum s
 
 Then the largest C: --large-configs (default (a) and (d)) at --large C values. A configuration whose computed
 working set exceeds the guard (20 GiB over all its processes, less if less memory is available) is not started; a
-started one runs under RLIMIT_AS (address space: the guard's share over what the process mapped before the model),
-so it fails with an allocation error instead of waking the OOM killer.
+started one runs under RLIMIT_AS (address space: the guard's share over what the process mapped before the model;
+with --save the whole guard, rank zero holding more), so it fails with an allocation error instead of waking the OOM
+killer, and with the highest oom_score_adj, so that on a shared machine the OOM killer ends it first.
 
     python benchmarks/partial_fc.py                                  # C = 10k, 100k, 1M; then 2M, 4M, 8M
     python benchmarks/partial_fc.py --classes 10000 --large          # quick: no largest-C search
@@ -148,13 +149,15 @@ def one_rank(rank: int, kind: str, classes: int, rate: float, world: int, steps:
 def measure(kind: str, classes: int, rate: float, world: int, steps: int, warmup: int, guard: int,
             save: bool = False) -> dict:  # fmt: skip
     need = working_set(kind, classes, rate, world, save)
-    if need * world > guard:
-        return dict(error=f"does not fit: needs {need / GIB:.1f} GiB × {world} process(es)", need=need)
+    total = need + (world - 1) * working_set(kind, classes, rate, world)  # saving: rank zero holds more
+    if total > guard:
+        return dict(error=f"does not fit: needs {total / GIB:.1f} GiB over {world} process(es)", need=need)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
-    args = (kind, classes, rate, world, steps, warmup, guard // world, port, save, queue)
+    share = guard if save else guard // world  # saving: rank zero may take what the others leave
+    args = (kind, classes, rate, world, steps, warmup, share, port, save, queue)
     try:
         mp.spawn(one_rank, args=args, nprocs=world)
     except mp.ProcessExitedException as error:  # killed: nothing to read from the queue
@@ -209,7 +212,7 @@ def main() -> None:
     available = int(next(x for x in open("/proc/meminfo") if x.startswith("MemAvailable")).split()[1]) * 1024
     guard = int(min(args.guard_gib * GIB, available - GIB))
     print(f"machine: {machine()}; date {time.strftime('%Y-%m-%d')}; guard {gib(guard)} over all processes "
-          f"(MemAvailable {gib(available)})\n\n{HEADER}", flush=True)  # fmt: skip
+          f"(MemAvailable {gib(available)})\n\n{HEADER if args.classes else ''}", flush=True)  # fmt: skip
     for classes in args.classes:
         ref = None
         for label, (kind, rate, world) in CONFIGS.items():
