@@ -7,6 +7,7 @@ logged beside it only so the two can be compared; never select or report models 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from arcface_lightning import heads
 from arcface_lightning.checks import check_choice, check_int
 from arcface_lightning.heads import CombinedMarginHead
 from arcface_lightning.metrics import SELECTION, embedding_metrics
-from arcface_lightning.partial_fc import AUTO_SHARD_CLASSES, PartialFC
+from arcface_lightning.partial_fc import AUTO_SHARD_CLASSES, PartialFC, defers_centres
 from arcface_lightning.registry import check_lr_scheduler, check_part
 
 
@@ -35,11 +36,19 @@ def build_part(config: Mapping[str, Any], part: str) -> Any:
 
 def build_head(config: Mapping[str, Any]) -> nn.Module:
     """A head from its config. `sample_rate` < 1 or `sharded` (true, or auto with ≥ AUTO_SHARD_CLASSES classes)
-    wrap a margin head in PartialFC; otherwise the head is the plain module, as before those keys existed."""
+    wrap a margin head in PartialFC; otherwise the head is the plain module, as before those keys existed.
+
+    Centres that may be sharded are not made here: the margin head is built on the meta device and PartialFC makes
+    each rank's rows at `shard()` (setup), with the values the full matrix would have had; the global generator
+    advances as the full init would, so every later draw is the same."""
     config = dict(config)
     sample_rate, sharded = config.pop("sample_rate", 1.0), config.pop("sharded", False)
-    head = build_part(config, "head")
+    deferred = (sharded is True or sharded == "auto") and defers_centres(config.get("_target_"))
+    with torch.device("meta") if deferred else contextlib.nullcontext():
+        head = build_part(config, "head")
     large = sharded == "auto" and isinstance(head, CombinedMarginHead) and head.num_classes >= AUTO_SHARD_CLASSES
+    if deferred and not (sharded is True or large):  # auto, and too few classes to shard: the head as it always was
+        head = build_part(config, "head")
     if sample_rate != 1.0 or sharded is True or large:
         return PartialFC(head, sample_rate=sample_rate, sharded=sharded)
     check_choice("PartialFC", "sharded", sharded, (True, False, "auto"))
@@ -280,7 +289,8 @@ class ArcFaceModule(L.LightningModule):
         return torch.Generator(device).manual_seed(seed % 2**63)
 
     def setup(self, stage: str) -> None:
-        """Partial FC: shard the centres once the process group exists, and keep them out of DDP's reach."""
+        """Partial FC: once the process group exists, this rank's rows of the centres (made here when build_head
+        deferred them, else kept from the full matrix), out of DDP's reach."""
         if isinstance(self.head, PartialFC) and self.trainer is not None:
             if self.trainer.accumulate_grad_batches != 1:
                 raise ValueError("head.sample_rate / head.sharded: trainer.accumulate_grad_batches must be 1")
@@ -293,13 +303,13 @@ class ArcFaceModule(L.LightningModule):
         return ["head.weight"] if isinstance(self.head, PartialFC) else []
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints hold the whole centre matrix and its optimiser state, whatever the world size (every rank
-        runs this: gathering is a collective)."""
+        """Checkpoints hold the whole centre matrix and its optimiser state, whatever the world size. Every rank
+        runs this (the rows are sent to rank zero, the only rank that writes the file; the others keep their rows)."""
         if isinstance(self.head, PartialFC) and self.head.world > 1:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith("head.")]:
                 if state[key].ndim and len(state[key]) == self.head.end - self.head.start:
-                    state[key] = self.head.full(state[key]).cpu()
+                    state[key] = self.head.full_on_rank_zero(state[key])
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)

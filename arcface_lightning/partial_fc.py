@@ -23,8 +23,13 @@ fresh leaf parameter (`sampled`), which the module puts into the optimiser's las
 rows of the centres' optimiser state (kept here, row-sharded, saved as `state_<name>` entries); after the step both are
 written back (`write_back`). So rows not sampled this step — weights and optimiser state (momentum, Adam moments)
 — are bit-unchanged, and the optimiser's cost scales with the rate. Scalar state (Adam's `step`) is shared by all
-rows ("lazy" Adam, as torch's SparseAdam). Checkpoints hold the full C × E matrix and state (module.py gathers
-them), so a run saved on N ranks resumes on M, and evaluate/export load it on one process.
+rows ("lazy" Adam, as torch's SparseAdam). Checkpoints hold the full C × E matrix and state (module.py has every
+rank send its rows to rank zero, which writes the file), so a run saved on N ranks resumes on M, and evaluate/export
+load it on one process.
+
+Start-up: with centres that may be sharded, module.build_head builds the margin head on the meta device (no C × E
+matrix) and `CentreRows` stands in for its init; `shard()` then makes only this rank's rows, equal to the rows the
+full matrix would have had (one process makes them all). Only a checkpoint's rank zero ever holds the whole matrix.
 """
 
 from __future__ import annotations
@@ -38,9 +43,22 @@ import torch.distributed as dist
 from torch import nn
 
 from arcface_lightning.checks import BadValue, check_choice, check_number
-from arcface_lightning.heads import CombinedMarginHead, check_labels, cosine_similarity
+from arcface_lightning.heads import (
+    NORM_EPS,
+    ArcFaceHead,
+    CombinedMarginHead,
+    CosFaceHead,
+    SphereFaceHead,
+    check_labels,
+    cosine_similarity,
+    normalize,
+)
 
 AUTO_SHARD_CLASSES = 10_000  # sharded=auto shards from this many classes on, when there is more than one rank
+# heads whose only parameter is the centre matrix, initialised by CombinedMarginHead's xavier_uniform_: CentreRows
+# makes the same values row range by row range
+DEFERRABLE_HEADS = (CombinedMarginHead, ArcFaceHead, CosFaceHead, SphereFaceHead)
+ROW_BLOCK_ELEMENTS = 2**22  # values drawn at a time by CentreRows: all it holds besides the rows it makes
 
 
 def _world() -> tuple[int, int]:
@@ -54,6 +72,44 @@ def shard_bounds(num_classes: int, rank: int, world: int) -> tuple[int, int]:
     base, extra = divmod(num_classes, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)
+
+
+def defers_centres(target: Any) -> bool:
+    """Whether a head config's `_target_` names a head whose centres CentreRows can make (DEFERRABLE_HEADS)."""
+    return target in {f"{kind.__module__}.{kind.__qualname__}" for kind in DEFERRABLE_HEADS}
+
+
+class CentreRows:
+    """The initial centres of a margin head built on the meta device, made row range by row range.
+
+    CombinedMarginHead initialises its C × E matrix with xavier_uniform_: one draw of the global CPU generator per
+    value, in row-major order, so any rows can be made again from the generator's state at their first value. At
+    construction the draws are made once, a block at a time (nothing kept but the generator's state at each
+    block's start), so the global generator ends where the full init leaves it and later draws (data order,
+    dropout) stay the same; `rows(start, end)` draws rows [start, end) again from the nearest state."""
+
+    def __init__(self, num_classes: int, embedding_size: int, dtype: torch.dtype) -> None:
+        self.num_classes, self.embedding_size, self.dtype = num_classes, embedding_size, dtype
+        self.block = max(1, ROW_BLOCK_ELEMENTS // embedding_size)  # rows
+        # nn.init.xavier_uniform_'s bound (gain 1) for a (num_classes, embedding_size) matrix
+        self.bound = math.sqrt(3.0) * math.sqrt(2.0 / float(embedding_size + num_classes))
+        self.states: list[torch.Tensor] = []
+        scratch = torch.empty(min(self.block, num_classes), embedding_size, dtype=dtype)
+        for first in range(0, num_classes, self.block):
+            self.states.append(torch.get_rng_state())
+            scratch[: num_classes - first].uniform_(-self.bound, self.bound)
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of the initial matrix, holding at most one block besides them."""
+        out = torch.empty(end - start, self.embedding_size, dtype=self.dtype)
+        if not len(out):  # a rank with no rows: more ranks than classes
+            return out
+        generator = torch.Generator()
+        generator.set_state(self.states[start // self.block])
+        skipped = start % self.block
+        skip = torch.empty(skipped, self.embedding_size, dtype=self.dtype)
+        skip.uniform_(-self.bound, self.bound, generator=generator)
+        return out.uniform_(-self.bound, self.bound, generator=generator)
 
 
 class GatherWithGrad(torch.autograd.Function):
@@ -75,6 +131,26 @@ class GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows] * ctx.world
 
 
+class NormalizeRows(torch.autograd.Function):
+    """heads.normalize of the (k × E) sampled centres, the same values, with the gradient (g − ŵ (ŵ·g)) / ‖w‖ made
+    in one k × E buffer: autograd's chain through the quotient and the norm holds several at once, and at millions
+    of classes those temporaries, not the logits, are most of a step's memory."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor) -> torch.Tensor:
+        norm = weight.norm(dim=1, keepdim=True)
+        live = norm > NORM_EPS
+        unit = (weight / norm.clamp_min(NORM_EPS)).masked_fill_(~live, 0.0)
+        ctx.save_for_backward(unit, norm, live)
+        return unit
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        unit, norm, live = ctx.saved_tensors
+        along = torch.bmm(unit.unsqueeze(1), grad.unsqueeze(2)).view(-1, 1)  # ŵ·g per row, no k × E product
+        return torch.addcmul(grad, unit, along, value=-1).div_(norm.clamp_min(NORM_EPS)).masked_fill_(~live, 0.0)
+
+
 class DistributedCrossEntropy(torch.autograd.Function):
     """Mean softmax cross-entropy of (B, k) logits whose columns are spread over ranks. `target` is the column of
     each row's label on this rank, -1 where it lives elsewhere. Returns (loss, this rank's softmax columns)."""
@@ -85,7 +161,7 @@ class DistributedCrossEntropy(torch.autograd.Function):
         top = logits.max(1).values
         if distributed:
             dist.all_reduce(top, dist.ReduceOp.MAX)
-        exp = (logits - top[:, None]).exp()
+        exp = (logits - top[:, None]).exp_()  # in place here and below: a (B, k) matrix less each time
         total = exp.sum(1)
         here = target >= 0
         index = target.clamp(min=0)[:, None]
@@ -93,7 +169,7 @@ class DistributedCrossEntropy(torch.autograd.Function):
         if distributed:
             dist.all_reduce(total)
             dist.all_reduce(target_logit)  # each row's target lives on exactly one rank
-        probs = exp / total[:, None]
+        probs = exp.div_(total[:, None])
         ctx.save_for_backward(probs, index, here)
         ctx.mark_non_differentiable(probs)
         return (total.log() - target_logit).mean(), probs
@@ -102,7 +178,7 @@ class DistributedCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None]:
         probs, index, here = ctx.saved_tensors
         grad = probs.scatter_add(1, index, -here.to(probs.dtype)[:, None])
-        return grad * (grad_loss / len(probs)), None
+        return grad.mul_(grad_loss / len(probs)), None
 
 
 class PartialFC(nn.Module):
@@ -111,7 +187,8 @@ class PartialFC(nn.Module):
     Keeps the margin head's centres as `weight` (so a checkpoint's `head.weight` is the same tensor either way) and
     its s and ψ. `sharded`: true, false, or auto (shard when the world has more than one rank and C ≥
     AUTO_SHARD_CLASSES); decided in `shard()`, which the module calls once the process group exists.
-    `sample_rate`: the fraction of centres (positives always included) each training step uses."""
+    `sample_rate`: the fraction of centres (positives always included) each training step uses. A margin head
+    built on the meta device (one of DEFERRABLE_HEADS) has its centres made at `shard()`: this rank's rows only."""
 
     def __init__(self, margin: nn.Module, sample_rate: float = 1.0, sharded: bool | str = "auto") -> None:
         super().__init__()
@@ -134,6 +211,11 @@ class PartialFC(nn.Module):
         self.embedding_size, self.num_classes = margin.embedding_size, margin.num_classes
         self.sample_rate, self.sharded = float(sample_rate), sharded
         self.weight = margin.weight
+        self._deferred: CentreRows | None = None
+        if self.weight.is_meta:
+            if type(margin) not in DEFERRABLE_HEADS:
+                raise ValueError(f"PartialFC: a {type(margin).__name__} on the meta device has no known initial rows")
+            self._deferred = CentreRows(self.num_classes, self.embedding_size, self.weight.dtype)
         self.rank, self.world, self.start, self.end = 0, 1, 0, self.num_classes
         self.sampled: nn.Parameter | None = None  # this step's rows of `weight`, a leaf the optimiser steps
         self._index: torch.Tensor | None = None
@@ -153,26 +235,51 @@ class PartialFC(nn.Module):
         rank, world = _world()
         wanted = self.sharded is True or (self.sharded == "auto" and self.num_classes >= AUTO_SHARD_CLASSES)
         if world == 1 or not wanted or self.world > 1:
+            self._make_rows()
             return self.world > 1
         self.rank, self.world = rank, world
         self.start, self.end = shard_bounds(self.num_classes, rank, world)
-        self.weight = nn.Parameter(self.weight.detach()[self.start : self.end].clone())
+        if self._deferred is not None:
+            self._make_rows()
+        else:
+            self.weight = nn.Parameter(self.weight.detach()[self.start : self.end].clone())
         for name, value in self.optimizer_state.items():
             if value.ndim and len(value) == self.num_classes:
                 self.optimizer_state[name] = value[self.start : self.end].clone()
         return True
 
-    def full(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a row-sharded tensor → the full (C, ...) tensor, on every rank (a collective)."""
+    def _make_rows(self, initial: bool = True) -> None:
+        """Centres still on the meta device → this rank's rows [start, end): their initial values, or (initial=False)
+        uninitialised, for a state dict to fill."""
+        if self._deferred is None:
+            return
+        shape = (self.end - self.start, self.embedding_size)
+        rows = self._deferred.rows(self.start, self.end) if initial else torch.empty(shape, dtype=self.weight.dtype)
+        self.weight, self._deferred = nn.Parameter(rows), None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PartialFC:
+        self._make_rows()  # .to(), .cuda(), .double() used before shard(): a meta tensor cannot be copied
+        return super()._apply(fn, recurse)
+
+    def full_on_rank_zero(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a row-sharded tensor → on rank zero, the full (C, ...) tensor in host memory; other
+        ranks send their rows and get their own tensor back. For checkpoints, which only rank zero writes: no rank
+        but zero ever holds the whole matrix, and rank zero receives each rank's rows into place."""
         if self.world == 1:
             return tensor
-        rows = -(-self.num_classes // self.world)  # ranks hold ⌈C/W⌉ or ⌊C/W⌋ rows: pad to gather equal sizes
-        padded = tensor.new_zeros(rows, *tensor.shape[1:])
-        padded[: len(tensor)] = tensor
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded)
-        bounds = [shard_bounds(self.num_classes, r, self.world) for r in range(self.world)]
-        return torch.cat([part[: end - start] for part, (start, end) in zip(parts, bounds, strict=True)])
+        if self.rank != 0:
+            dist.send(tensor.contiguous(), dst=0)
+            return tensor
+        full = torch.empty(self.num_classes, *tensor.shape[1:], dtype=tensor.dtype)
+        full[: len(tensor)] = tensor
+        on_host = tensor.device.type == "cpu"
+        for rank in range(1, self.world):
+            start, end = shard_bounds(self.num_classes, rank, self.world)
+            rows = full[start:end] if on_host else tensor.new_empty(end - start, *tensor.shape[1:])
+            dist.recv(rows, src=rank)
+            if not on_host:
+                full[start:end] = rows
+        return full
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -181,6 +288,7 @@ class PartialFC(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         """Checkpoints hold full matrices: this rank's rows of the centres and of their optimiser state."""
+        self._make_rows(initial=f"{prefix}weight" not in state_dict)
         rows = slice(self.start, self.end)
         for key in [k for k in state_dict if k.startswith(prefix)]:
             value = state_dict[key]
@@ -227,6 +335,12 @@ class PartialFC(nn.Module):
                 self.optimizer_state[name][self._index] = value
             else:
                 self.optimizer_state[name].copy_(value)
+        # the step's rows and their gradient go now: in the optimiser's group they would live through the next
+        # forward, until the next attach
+        group = optimizer.param_groups[-1]
+        if group["params"][0] is self.sampled:
+            group["params"][0] = nn.Parameter(self.weight.new_zeros(0, self.embedding_size))
+        self.sampled.grad = None
         self.sampled, self._index = None, None
 
     # -- the loss and the predictions --------------------------------------------------------------------------
@@ -258,6 +372,7 @@ class PartialFC(nn.Module):
         """Training: {"loss", "preds", "margin_preds" (over the sampled centres; for this rank's rows), "probs"
         (this rank's softmax columns of the global batch), "index" (the sampled local rows)}. Sets `sampled`."""
         check_labels(labels, self.num_classes)
+        self._make_rows()
         x, y = self.gather(embeddings, labels)
         self._index = self.sample(y, generator)
         every_row = len(self._index) == len(self.weight)  # rate 1 (or few rows): the centres themselves, no copy
@@ -268,12 +383,14 @@ class PartialFC(nn.Module):
     @torch.no_grad()
     def evaluate(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Validation and test: the same over every centre (no sampling), nothing kept for the optimiser."""
+        self._make_rows()
         x, y = self.gather(embeddings, labels)
         index = torch.arange(self.end - self.start, device=x.device)
         return self._loss(x, y, self.weight, index, embeddings.shape[0])
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, index: torch.Tensor, rows: int) -> dict:
-        cos = cosine_similarity(x, centres)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32, as heads.cosine_similarity
+            cos = normalize(x.float()) @ NormalizeRows.apply(centres.float()).t()
         column = torch.full((self.end - self.start,), -1, dtype=torch.long, device=x.device)
         column[index] = torch.arange(len(index), device=x.device)
         local = y - self.start
@@ -282,12 +399,13 @@ class PartialFC(nn.Module):
         at = target.clamp(min=0)[:, None]
         cos_target = cos.gather(1, at)
         margin = torch.where((target >= 0)[:, None], self.psi(cos_target), cos_target)
-        logits = self.s * cos
-        margin_logits = logits.scatter(1, at, self.s * margin)
+        # (B, k) matrices one at a time where autograd allows: neither scatter_ nor the scaling saves its input
+        margin_logits = (self.s * cos).scatter_(1, at, self.s * margin)
         loss, probs = DistributedCrossEntropy.apply(margin_logits, target)
         own = slice(self.rank * rows, (self.rank + 1) * rows) if self.world > 1 else slice(None)
-        preds = self._argmax(logits.detach(), index)[own]
         margin_preds = self._argmax(margin_logits.detach(), index)[own]
+        del margin_logits
+        preds = self._argmax(self.s * cos.detach(), index)[own]
         return {"loss": loss, "preds": preds, "margin_preds": margin_preds, "probs": probs, "index": index}
 
     def _argmax(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -303,9 +421,10 @@ class PartialFC(nn.Module):
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Inference logits s·cos θ over this rank's centres (all of them on one process)."""
-        return self.s * cosine_similarity(embeddings, self.weight)
+        return self.s * self.cosine(embeddings)
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        self._make_rows()
         return cosine_similarity(embeddings, self.weight)
 
     def extra_repr(self) -> str:

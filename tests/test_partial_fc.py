@@ -8,6 +8,11 @@ classes: uneven over 2 and 3 ranks) and a quarter/third of the batch. Then a bac
 trains ten SGD steps and ends at the single-process run's weights. Through Lightning: a 2-rank run's checkpoint
 holds the whole matrix, its first step equals the plain head's (weights and momentum, to 1e-5 of each tensor's
 scale), it evaluates on one process to the same test numbers, and resumes on 1 and 3 ranks.
+
+Start-up: a head that may be sharded is built on the meta device and each rank makes only its rows of the centres,
+equal (bit for bit) to the rows of the head built in full from the same seed; no op ever makes a tensor of the full
+matrix's size (TorchDispatchMode sees every tensor an op returns), and the global generator ends where the full
+init leaves it.
 """
 
 from __future__ import annotations
@@ -15,14 +20,18 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from ranks import free_port, join, leave
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+from arcface_lightning import partial_fc
 from arcface_lightning.heads import ArcFaceHead, CosFaceHead
-from arcface_lightning.partial_fc import PartialFC, shard_bounds
+from arcface_lightning.partial_fc import CentreRows, PartialFC, shard_bounds
 
 C, E, B = 11, 6, 4  # classes, embedding size, rows per rank
 TOL = dict(rtol=0, atol=1e-6)
@@ -57,6 +66,44 @@ def oracle(head: ArcFaceHead, x: torch.Tensor, y: torch.Tensor, lr: float, steps
     return out
 
 
+class LargestTensor(TorchDispatchMode):
+    """The most values of any floating-point storage an op returns off the meta device (meta tensors hold none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not tensor.is_meta:
+                self.values = max(self.values, tensor.untyped_storage().nbytes() // tensor.element_size())
+        return out
+
+
+def sharded_start_up(rank: int, world: int) -> None:
+    """A rank builds the head on the meta device and makes its rows at shard(): exactly the full head's rows, never
+    a tensor of C × E values, the generator where the full init leaves it; rank zero gathers the whole matrix."""
+    partial_fc.ROW_BLOCK_ELEMENTS = 2 * E  # blocks of 2 rows: smaller than every rank's share
+    torch.manual_seed(5)
+    full = ArcFaceHead(E, C)
+    after_full = torch.get_rng_state()
+    torch.manual_seed(5)
+    with LargestTensor() as largest:
+        with torch.device("meta"):
+            head = ArcFaceHead(E, C)
+        pfc = PartialFC(head, sharded=True)
+        after_meta = torch.get_rng_state()
+        assert pfc.weight.is_meta and pfc.shard()
+    start, end = shard_bounds(C, rank, world)
+    assert pfc.weight.shape == (end - start, E) and not pfc.weight.is_meta
+    assert torch.equal(pfc.weight.detach(), full.weight.detach()[start:end])
+    assert largest.values == max(end - start, 2) * E < C * E, largest.values
+    assert torch.equal(after_meta, after_full)
+    whole = pfc.full_on_rank_zero(pfc.weight.detach())
+    assert torch.equal(whole, full.weight.detach()) if rank == 0 else whole is not None and len(whole) == end - start
+
+
 def with_placeholder(pfc: PartialFC, lr: float) -> torch.optim.Optimizer:
     """The optimiser as module.configure_optimizers sets it up: the centres' group holds each step's rows."""
     return torch.optim.SGD([torch.nn.Parameter(torch.zeros(0, E))], lr=lr, momentum=0.9)
@@ -88,8 +135,11 @@ def one_rank(rank: int, world: int, port: int) -> None:
         pfc.attach(optimizer)
         optimizer.step()
         pfc.write_back(optimizer)
-    torch.testing.assert_close(pfc.full(pfc.weight.detach()), expected["weight"], **LOSS_TOL)
+    whole = pfc.full_on_rank_zero(pfc.weight.detach())
+    if rank == 0:
+        torch.testing.assert_close(whole, expected["weight"], **LOSS_TOL)
     train_with_a_backbone(rank, world)
+    sharded_start_up(rank, world)
     leave()
 
 
@@ -134,13 +184,61 @@ def train_with_a_backbone(rank: int, world: int, steps: int = 10) -> None:
         pfc.write_back(optimizer)
     for mine, theirs in zip(backbone.parameters(), ref_backbone.parameters(), strict=True):
         torch.testing.assert_close(mine.detach(), theirs.detach(), **LOSS_TOL)
-    torch.testing.assert_close(pfc.full(pfc.weight.detach()), ref_head.weight.detach(), **LOSS_TOL)
+    whole = pfc.full_on_rank_zero(pfc.weight.detach())
+    if rank == 0:
+        torch.testing.assert_close(whole, ref_head.weight.detach(), **LOSS_TOL)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_head_equals_the_single_process_head(world: int) -> None:
     port = free_port()
     torch.multiprocessing.spawn(one_rank, args=(world, port), nprocs=world)
+
+
+HEAD = {"_target_": "arcface_lightning.heads.CosFaceHead", "embedding_size": E, "num_classes": C, "s": 8.0}
+
+
+@pytest.mark.parametrize(
+    "keys, deferred",
+    [({"sharded": True}, True), ({"sharded": True, "sample_rate": 0.5}, True), ({"sharded": False}, False),
+     ({"sharded": False, "sample_rate": 0.5}, False), ({"sharded": "auto"}, False), ({}, False)],
+)  # fmt: skip
+def test_centres_that_may_be_sharded_are_made_at_shard_with_the_full_heads_values(monkeypatch, keys, deferred) -> None:
+    """build_head as a training builds it: with sharded=true no C × E tensor exists before shard(), the generator
+    draws what the full init draws, and one process's shard() makes the full head's matrix bit for bit. Every other
+    head (sharded=false, auto below AUTO_SHARD_CLASSES) is built in full, as before."""
+    from arcface_lightning.module import build_head  # Lightning: not in the spawned ranks
+
+    monkeypatch.setattr(partial_fc, "ROW_BLOCK_ELEMENTS", 3 * E)
+    torch.manual_seed(7)
+    full = CosFaceHead(E, C, s=8.0).weight.detach()
+    after_full = torch.rand(3)
+    torch.manual_seed(7)
+    with LargestTensor() as largest:
+        head = build_head({**HEAD, **keys})
+    assert torch.equal(torch.rand(3), after_full)
+    assert head.weight.is_meta == deferred and largest.values == (3 * E if deferred else C * E)
+    assert not deferred or head.shard() is False  # one process: every row, made now
+    assert torch.equal(head.weight.detach(), full)
+    if deferred:  # the other ways a deferred head gets its centres: a state dict, or a move before shard()
+        torch.manual_seed(7)
+        loaded = build_head({**HEAD, **keys})
+        loaded.load_state_dict({"weight": full + 1})
+        assert torch.equal(loaded.weight.detach(), full + 1)
+        torch.manual_seed(7)
+        assert torch.equal(build_head({**HEAD, **keys}).double().weight.detach(), full.double())
+
+
+def test_centre_rows_are_the_full_inits_rows_for_every_range(monkeypatch) -> None:
+    monkeypatch.setattr(partial_fc, "ROW_BLOCK_ELEMENTS", 4 * E)  # blocks of 4 rows: ranges across block edges
+    torch.manual_seed(3)
+    full = ArcFaceHead(E, C).weight.detach()
+    torch.manual_seed(3)
+    rows = CentreRows(C, E, torch.float32)
+    assert len(rows.states) == 3  # C = 11: blocks at rows 0, 4, 8
+    for start in range(C + 1):
+        for end in range(start, C + 1):
+            assert torch.equal(rows.rows(start, end), full[start:end]), (start, end)
 
 
 def test_one_process_at_rate_one_is_the_full_head() -> None:
