@@ -11,10 +11,12 @@ worker: a trained checkpoint, its embeddings and exports, hostile and malformed 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import io
 import logging
 import re
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.io import write_png
 
+from arcface_lightning.inference import checkpoint_contract, save_embeddings
 from conftest import TINY
 
 
@@ -38,6 +42,7 @@ def invoke(command: str, argv: list[str]) -> Outcome:
     """Run `python -m arcface_lightning.<command> *argv` in this process."""
     module = importlib.import_module(f"arcface_lightning.{command}")
     saved_argv, out, err = sys.argv, io.StringIO(), io.StringIO()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     sys.argv = [module.__file__, *argv]
     code, escaped = 0, None
     try:
@@ -53,6 +58,8 @@ def invoke(command: str, argv: list[str]) -> Outcome:
         escaped, code = error, 1
     finally:
         sys.argv = saved_argv
+        for signum, handler in handlers.items():  # a command's own handlers (report's) end with it
+            signal.signal(signum, handler)
         for handler in logging.getLogger().handlers[:]:  # Hydra's handlers wrote to our StringIO
             if getattr(handler, "stream", None) in (out, err):
                 logging.getLogger().removeHandler(handler)
@@ -77,7 +84,26 @@ def world(trained, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     small = torch.load(ckpt, map_location="cpu", weights_only=True)
     small["hyper_parameters"]["optimizer"] = {"_target_": "builtins.open", "_args_": [str(root / "marker"), "w"]}
     torch.save(small, root / "hostile.ckpt")
-    np.save(root / "array.npy", np.zeros(3))
+    (root / "model.onnx").write_text("not really ONNX: refused by its name before it is read\n")
+    image = root / "digit.png"
+    write_png(torch.full((1, 28, 28), 128, dtype=torch.uint8), str(image))
+    for folder in ("empty_sweep", "adir.onnx", "adir.npz"):
+        (root / folder).mkdir()
+    contract = checkpoint_contract(ckpt)
+    rows = np.eye(5, contract.embedding_size, dtype=np.float32)
+    save_embeddings(root / "gallery.npz", rows, np.arange(5), [f"g{i}" for i in range(5)], contract, str(ckpt))
+    other = dataclasses.replace(contract, weights_sha256="0" * 64)  # another training's weights
+    save_embeddings(root / "other.npz", rows, np.arange(5), [f"o{i}" for i in range(5)], other, "other.ckpt")
+    good = dict(np.load(root / "gallery.npz"))
+    bad_files = {
+        "flat": {"embeddings": rows[0]},
+        "short": {"labels": np.arange(4)},
+        "names": {"labels": np.array(["a", "b", "c", "d", "e"])},
+        "nan": {"embeddings": np.where(rows > 0, np.nan, 0).astype(np.float32)},
+        "scaled": {"embeddings": rows * 100},
+    }
+    for name, changed in bad_files.items():
+        np.savez(root / f"{name}.npz", **{**good, **changed})
     return {
         "data": str(data),
         "ckpt": str(ckpt),
@@ -86,6 +112,12 @@ def world(trained, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "hostile": str(root / "hostile.ckpt"),
         "folder": str(root),
         "root": str(root),
+        "onnx": str(root / "model.onnx"),
+        "image": str(image),
+        "gallery": str(root / "gallery.npz"),
+        "other": str(root / "other.npz"),
+        "empty_sweep": str(root / "empty_sweep"),
+        **{name: str(root / f"{name}.npz") for name in bad_files},
     }
 
 
@@ -110,6 +142,68 @@ CASES = [
     ("evaluate ckpt tensor", "evaluate", ["ckpt_path={tensor}"], r"ckpt_path=\S+ is not a Lightning checkpoint"),
     ("evaluate hostile", "evaluate", ["ckpt_path={hostile}"], r"ckpt_path=\S+ could not be loaded: optimizer._targe"),
     ("evaluate run dir in /proc", "evaluate", ["ckpt_path={ckpt}", "hydra.run.dir=/proc/x"], r"hydra.run.dir=/pro"),
+    ("evaluate batch size", "evaluate", ["ckpt_path={ckpt}", "data.eval_batch_size=0"], r"data.eval_batch_size=0 is"),
+    ("evaluate pairs missing", "evaluate", ["ckpt_path={ckpt}", "evaluation.pairs=/no/p.csv"], r"evaluation.pairs="),
+    ("train data root a file", TRAIN, ["data=image_folder", "data.root={text}"], r"data.root=\S+ is not a folder"),
+    ("train pairs missing", TRAIN, ["evaluation.pairs=/no/p.csv"], r"evaluation.pairs=/no/p.csv"),
+    # embed
+    ("embed no output", "embed", ["ckpt_path={ckpt}"], r"output is required"),
+    ("embed output folder", "embed", ["ckpt_path={ckpt}", "output={root}/adir.npz"], r"output=\S+ is a folder"),
+    ("embed output /proc", "embed", ["ckpt_path={ckpt}", "output=/proc/nope/e.npz"], r"output=/proc/nope/e.npz: can"),
+    ("embed output under file", "embed", ["ckpt_path={ckpt}", "output={text}/e.npz"], r"output=\S+: \S+ is a file"),
+    ("embed ckpt onnx", "embed", ["ckpt_path={onnx}", "output={run}/e.npz"], r"ckpt_path=\S+ is an export; this c"),
+    ("embed ckpt tensor", "embed", ["ckpt_path={tensor}", "output={run}/e.npz"], r"ckpt_path=\S+ is not a Lightning"),
+    ("embed hostile", "embed", ["ckpt_path={hostile}", "output={run}/e.npz"], r"ckpt_path=\S+ could not be loaded"),
+    ("embed input missing", "embed", ["ckpt_path={ckpt}", "output={run}/e.npz", "input=/no/such"], r"input=/no/such"),
+    # export
+    ("export output folder", "export", ["ckpt_path={ckpt}", "output={root}/adir.onnx"], r"output=\S+ is a folder"),
+    ("export output /proc", "export", ["ckpt_path={ckpt}", "output=/proc/nope/m.onnx"], r"output=/proc/nope/m.onnx"),
+    ("export output under file", "export", ["ckpt_path={ckpt}", "output={text}/m.onnx"], r"output=\S+: \S+ is a f"),
+    ("export ckpt onnx", "export", ["ckpt_path={onnx}", "output={run}/m.onnx"], r"ckpt_path=\S+ is an export"),
+    ("export ckpt tensor", "export", ["ckpt_path={tensor}", "output={run}/m.onnx"], r"ckpt_path=\S+ is not a Lightn"),
+    ("export hostile", "export", ["ckpt_path={hostile}", "output={run}/m.onnx"], r"ckpt_path=\S+ could not be loaded"),
+    ("export bad format", "export", ["ckpt_path={ckpt}", "output={run}/m.onnx", "format=tflite"], r"format='?tflite"),
+    # search
+    ("search gallery folder", "search", ["gallery={folder}", "query={gallery}"], r"gallery=\S+ is a folder"),
+    ("search gallery missing", "search", ["gallery=/no/g.npz", "query={gallery}"], r"gallery=/no/g.npz does not exis"),
+    ("search gallery text", "search", ["gallery={text}", "query={gallery}"], r"gallery=\S+ is not"),
+    ("search 1-D embeddings", "search", ["gallery={flat}", "query={gallery}"], r"gallery=\S+: embeddings is float"),
+    ("search short labels", "search", ["gallery={short}", "query={gallery}"], r"gallery=\S+: labels has shape \(4"),
+    ("search string labels", "search", ["gallery={gallery}", "query={names}"], r"query=\S+: labels holds strings"),
+    ("search NaN rows", "search", ["gallery={nan}", "query={gallery}"], r"gallery=\S+: embeddings row 0 holds NaN"),
+    ("search rows not unit", "search", ["gallery={scaled}", "query={gallery}"], r"gallery=\S+: embeddings row 0 has"),
+    ("search other model", "search", ["gallery={gallery}", "query={other}"], r"gallery=\S+ and query=\S+ come from"),
+    (
+        "search output is gallery",
+        "search",
+        ["gallery={gallery}", "query={gallery}", "output={gallery}"],
+        r"output=\S+ is",
+    ),
+    (
+        "search output folder",
+        "search",
+        ["gallery={gallery}", "query={gallery}", "output={folder}"],
+        r"output=\S+ is a ",
+    ),
+    ("search k zero", "search", ["gallery={gallery}", "query={gallery}", "k=0"], r"k=0 is invalid"),
+    # verify
+    ("verify a folder", "verify", ["ckpt_path={ckpt}", "a={folder}", "b={image}"], r"a=\S+ is a folder"),
+    ("verify a missing", "verify", ["ckpt_path={ckpt}", "a=/no/a.png", "b={image}"], r"a=/no/a.png: no such file"),
+    ("verify a text", "verify", ["ckpt_path={ckpt}", "a={text}", "b={image}"], r"unreadable image \S+notes.txt: "),
+    ("verify ckpt tensor", "verify", ["ckpt_path={tensor}", "a={image}", "b={image}"], r"ckpt_path=\S+ is not a Ligh"),
+    ("verify hostile", "verify", ["ckpt_path={hostile}", "a={image}", "b={image}"], r"ckpt_path=\S+ could not be lo"),
+    ("verify run dir /proc", "verify", ["ckpt_path={ckpt}", "a={image}", "b={image}", "hydra.run.dir=/proc/r"], r"hyd"),
+    ("verify far", "verify", ["ckpt_path={ckpt}", "a={image}", "b={image}", "far=2"], r"far=2"),
+    # report
+    ("report missing dir", "report", ["/no/sweep"], r"/no/sweep does not exist; give a sweep dir"),
+    ("report a file", "report", ["{text}"], r"\S+ is a file, not a folder; give a sweep dir"),
+    ("report no jobs", "report", ["{empty_sweep}"], r"\S+ is not a sweep dir"),
+    # compare: checked before any job starts
+    ("compare select", "compare", ["select=val/bogus"], r"select='val/bogus' is invalid; allowed: val/acc_best"),
+    ("compare columns", "compare", ["columns=[test/bogus]"], r"columns: 'test/bogus' is not recorded"),
+    ("compare grid value", "compare", ["grids.arcface.head.m=[5]"], r"grids.arcface.head.m: 5 is invalid"),
+    ("compare grid key", "compare", ["heads=[softmax]", "+grids.softmax.head.s=[1]"], r"grids.softmax.head.s: head="),
+    ("compare head", "compare", ["heads=[arcfce]"], r"heads"),
 ]
 
 
@@ -117,8 +211,10 @@ CASES = [
 def test_a_bad_input_is_one_line_and_leaves_nothing(world, tmp_path: Path, case, command, arguments, expected) -> None:
     run_dir = tmp_path / "run"
     argv = [a.format(**world, run=run_dir) for a in arguments]
-    if not any(a.startswith("hydra.run.dir=") for a in argv):
+    if command not in ("pack", "report") and not any(a.startswith("hydra.run.dir=") for a in argv):
         argv.append(f"hydra.run.dir={run_dir}")
+    if command == "evaluate":
+        argv.append(f"paths.data_dir={world['data']}")
     if command == TRAIN:
         argv = [f"paths.data_dir={world['data']}", "~experiment", *TINY, *argv]  # the shared tiny run's config
     outcome = invoke(command, argv)
