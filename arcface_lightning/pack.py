@@ -1,46 +1,132 @@
-"""Pack a folder of class folders (or a CSV list) into a streaming set: data=streaming data.root=<out dir>.
+"""Pack a folder of class folders (or a CSV list) into a streaming set: data=streaming data.root=<output>.
 
     python -m arcface_lightning.pack /data/casia /data/casia_packed
     python -m arcface_lightning.pack /data/casia /data/casia_packed --val-split by_class --val-size 500 --test-size 500
     python -m arcface_lightning.pack /data/train.csv /data/packed --test-root /data/test.csv --workers 8
 
 The splits are made here, once, exactly as `data=image_folder` makes them (same keys, same seed, same sets), and
-each is written as a LitData set (`<out>/train`, `<out>/val`, `<out>/test`) of the original encoded files with
-their labels, in a seeded random order (LitData shuffles chunks and samples within them, so chunks must mix
-classes). Every image is decoded once while packing: files that cannot be decoded are skipped and listed in
-`<out>/skipped.txt` (the count is printed). `<out>/arcface.json` records the format version, the sample counts,
-the class names and the split; training checks it and the chunk files before it starts (data/streaming.py).
+each is written as a LitData set (`<output>/train`, `<output>/val`, `<output>/test`) of the original encoded files
+with their labels, in a seeded random order (LitData shuffles chunks and samples within them, so chunks must mix
+classes). Every image is decoded once while indexing (data/images.py, in --workers processes): files that cannot
+be decoded are skipped and listed in `<output>/skipped.txt` (the count is printed). `<output>/arcface.json`
+records the format version, the sample counts, the class names and the split; training checks it and the chunk
+files before it starts (data/streaming.py).
 
-The set is written into `<out>.partial-<pid>` and renamed to `<out>` at the end: an interrupted run leaves no
-half-written set under the name training reads. An existing `<out>` is never overwritten.
+The set is written into `<output>.partial-<pid>` and renamed to `<output>` at the end: a failed or interrupted run
+(SIGINT, SIGTERM) removes it, stops its worker processes and exits non-zero. An existing `<output>` is never
+overwritten; an output that cannot be created is refused before any work.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import random
+import re
 import shutil
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from torchvision.io import decode_image, read_file
+from torchvision.io import read_file
 
 from arcface_lightning.checks import first_line
 from arcface_lightning.data.datamodule import ImageDataModule
 from arcface_lightning.data.datasets import DataError
+from arcface_lightning.data.splits import is_size
 from arcface_lightning.data.streaming import FORMAT, SPLITS, VERSION
 from arcface_lightning.data.tensors import targets, unwrap
 
 # LitData's default outside notebooks is spawn: every worker of every split re-imports torch (seconds each). The
-# packing workers only read and decode files, and this process has started no threads that a fork would break
-# (it has only listed and split the files), so where fork exists they are forked.
+# packing workers only read files, and this process has started no threads that a fork would break (it has listed
+# and split the files; the images were decoded in loader worker processes), so where fork exists they are forked.
 START_METHOD = "fork" if sys.platform.startswith("linux") else None
 
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # see data/streaming.py
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived while packing."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted in this process, so that `pack` removes its partial set and stops its
+    workers. LitData's `optimize` installs its own SIGINT handler, which stops the workers and calls `os._exit(0)`
+    (DataProcessor._signal_handler, litdata 0.2.76): exit status 0, no clean-up, the partial set left behind; here
+    that handler is this one. Workers forked from this process inherit it: they leave SIGINT (Ctrl-C reaches the
+    whole process group) to this process, which stops them, and exit at once on SIGTERM. A second signal (Ctrl-C
+    pressed twice) does not interrupt the clean-up. Signal handlers belong to the main thread: elsewhere (`pack`
+    called from another thread) this does nothing."""
+    from litdata.processing.data_processor import DataProcessor
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    main, received = os.getpid(), []
+
+    def handler(signum: int, frame: Any = None) -> None:
+        if os.getpid() != main:
+            if signum == signal.SIGTERM:
+                os._exit(128 + signum)
+            return
+        if not received:
+            received.append(signum)
+            raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    litdata_handler = DataProcessor._signal_handler
+    DataProcessor._signal_handler = lambda self, signum, frame: handler(signum, frame)
+    try:
+        yield
+    finally:
+        DataProcessor._signal_handler = litdata_handler
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+
+
+def stop_workers(running: set[multiprocessing.process.BaseProcess]) -> None:
+    """Stop the worker processes started since `running` was taken (LitData's, the decoding loader's)."""
+    children = [child for child in multiprocessing.active_children() if child not in running]
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+def make_partial(out: Path, partial: Path) -> None:
+    """Create the partial set's folder (and the missing ones above it); one line if it cannot be."""
+    above = next(folder for folder in out.parents if folder.exists())
+    if not above.is_dir():
+        raise DataError(f"output={out} is inside {above}, which is a file; give a new folder's path")
+    try:
+        partial.mkdir(parents=True)
+    except OSError as error:
+        raise DataError(
+            f"output={out} cannot be created ({error.strerror}: {error.filename}); give a new folder's path in a "
+            "writable folder"
+        ) from None
+
+
+def remove(partial: Path, created: list[Path]) -> None:
+    """The partial set and the folders made for it, if empty."""
+    shutil.rmtree(partial, ignore_errors=True)
+    for folder in created:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def pack(
@@ -58,74 +144,96 @@ def pack(
     """Write the packed set; return its manifest (also `<out>/arcface.json`)."""
     from litdata import optimize
 
+    for name, path in (("source", source), ("--test-root", test_root)):
+        if path is not None and not path.exists():
+            raise DataError(f"{name}={path} does not exist; give a folder of class folders or a CSV list of path,label")
     if out.exists():
-        raise DataError(f"{out} exists; give a new folder (a packed set is never overwritten)")
-    data = ImageDataModule(
-        dataset="image_list" if source.is_file() else "image_folder",
-        root=str(source),
-        test_root=str(test_root) if test_root else None,
-        num_classes=None,
-        val_size=val_size,
-        test_size=test_size,
-        val_split=val_split,
-        split_seed=split_seed,
-    )
-    data.setup()
+        raise DataError(f"output={out} exists; give a new folder (a packed set is never overwritten)")
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    partial.mkdir(parents=True)
-    try:
-        counts = {}
-        for split, subset in zip(SPLITS, (data.train_set, data.val_set, data.test_set), strict=True):
-            base, indices = unwrap(subset)
-            labels, where = targets(subset).tolist(), str(partial)
-            rows = [(os.fsdecode(base.paths[i]), y, where) for i, y in zip(indices.tolist(), labels, strict=True)]
-            random.Random(f"{split_seed}-{split}").shuffle(rows)
-            if rows:
-                optimize(
-                    fn=encoded_sample,
-                    inputs=rows,
-                    output_dir=str(partial / split),
-                    chunk_bytes=chunk_bytes,
-                    num_workers=max(1, min(workers, len(rows))),
-                    verbose=False,
-                    start_method=START_METHOD,
-                )
-            counts[split] = count_samples(partial / split)
-        skipped_file = partial / "skipped.txt"
-        skipped = sorted(skipped_file.read_text().splitlines()) if skipped_file.exists() else []
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "samples": counts,
-            "classes": data.classes,
-            "val_split": val_split,
-            "split": {"val_size": val_size, "test_size": test_size, "split_seed": split_seed},
-            "source": str(source),
-            "test_source": str(test_root) if test_root else None,
-            "skipped": len(skipped),
-        }
-        if skipped:
-            skipped_file.write_text("\n".join(skipped) + "\n")
-        (partial / "arcface.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    created = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
+    running = set(multiprocessing.active_children())
+    with interruptible():
+        try:
+            make_partial(out, partial)
+            data = ImageDataModule(
+                dataset="image_list" if source.is_file() else "image_folder",
+                root=str(source),
+                test_root=str(test_root) if test_root else None,
+                num_classes=None,
+                val_size=val_size,
+                test_size=test_size,
+                val_split=val_split,
+                split_seed=split_seed,
+                num_workers=workers,
+            )
+            data.setup()  # indexes and decodes every image once (data/images.py), in `workers` processes
+            splits = (data.train_set, data.val_set, data.test_set)
+            skipped_file = partial / "skipped.txt"
+            pools = {id(base): base for base in (unwrap(subset)[0] for subset in splits)}.values()
+            with skipped_file.open("a") as listing:
+                listing.writelines(f"{path}\t{why}\n" for pool in pools for path, why in pool.skipped)
+            counts = {}
+            for split, subset in zip(SPLITS, splits, strict=True):
+                base, indices = unwrap(subset)
+                labels, where = targets(subset).tolist(), str(partial)
+                rows = [(os.fsdecode(base.paths[i]), y, where) for i, y in zip(indices.tolist(), labels, strict=True)]
+                random.Random(f"{split_seed}-{split}").shuffle(rows)
+                if rows:
+                    try:
+                        optimize(
+                            fn=encoded_sample,
+                            inputs=rows,
+                            output_dir=str(partial / split),
+                            chunk_bytes=chunk_bytes,
+                            num_workers=max(1, min(workers, len(rows))),
+                            verbose=False,
+                            start_method=START_METHOD,
+                        )
+                    except RuntimeError as error:  # a worker failed (a full disk): LitData sends its traceback
+                        raise DataError(f"packing the {split} split failed: {worker_error(error)}") from error
+                counts[split] = count_samples(partial / split)
+            skipped = sorted(skipped_file.read_text().splitlines())
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "samples": counts,
+                "classes": data.classes,
+                "val_split": val_split,
+                "split": {"val_size": val_size, "test_size": test_size, "split_seed": split_seed},
+                "source": str(source),
+                "test_source": str(test_root) if test_root else None,
+                "skipped": len(skipped),
+            }
+            if skipped:
+                skipped_file.write_text("\n".join(skipped) + "\n")
+            else:
+                skipped_file.unlink()
+            (partial / "arcface.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            os.replace(partial, out)
+        except BaseException:
+            stop_workers(running)
+            remove(partial, created)
+            raise
     return manifest
 
 
 def encoded_sample(row: tuple[str, int, str]) -> Iterator[dict[str, Any]]:
-    """One image file as a packed sample, if it decodes; else its path goes to skipped.txt (LitData workers run
-    this in their own processes; one append per line)."""
+    """One image file as a packed sample (it decoded when indexed); a file that cannot be read now goes to
+    skipped.txt (LitData workers run this in their own processes; one append per line)."""
     path, label, partial = row
     try:
         data = read_file(path)
-        decode_image(data)  # the whole file: corrupt data fails here
-    except Exception as error:  # unreadable or corrupt: torchvision raises RuntimeError, the OS OSError
+    except Exception as error:  # the OS's OSError, as torchvision.io raises it
         with open(os.path.join(partial, "skipped.txt"), "a") as log:
             log.write(f"{path}\tunreadable image {path}: {first_line(error)}\n")
         return
     yield {"image": data.numpy().tobytes(), "label": label}  # the bytes read once, as they are on disk
+
+
+def worker_error(error: RuntimeError) -> str:
+    """The cause of a LitData worker's failure: the first exception line of the traceback its error carries."""
+    cause = re.search(r"^\w+(?:\.\w+)*: .*$", str(error), re.MULTILINE)
+    return cause.group(0) if cause else first_line(error)
 
 
 def count_samples(folder: Path) -> int:
@@ -137,27 +245,80 @@ def count_samples(folder: Path) -> int:
     return sum(chunk["chunk_size"] for chunk in json.loads(index.read_text())["chunks"])
 
 
+# pack builds its splits with the data module, whose messages name its config keys: here they are pack's arguments
+OWN_NAMES = {
+    "data.root": "source",
+    "data.test_root": "--test-root",
+    "data.val_size": "--val-size",
+    "data.test_size": "--test-size",
+    "data.val_split": "--val-split",
+    "data.split_seed": "--split-seed",
+}
+
+
+def own_names(message: str) -> str:
+    return re.sub("|".join(re.escape(key) + r"\b" for key in OWN_NAMES), lambda m: OWN_NAMES[m.group(0)], message)
+
+
 def size(text: str) -> int | float:
-    """--val-size / --test-size: a count, or a fraction below 1."""
-    return float(text) if "." in text else int(text)
+    """--val-size / --test-size: a count ≥ 1, or a fraction 0 < f < 1."""
+    try:
+        value = float(text) if "." in text else int(text)
+    except ValueError:
+        value = 0
+    if not is_size(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; allowed: a count ≥ 1, or a fraction 0 < f < 1")
+    return value
+
+
+def count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: an integer ≥ {minimum}")
+        return value
+
+    return parse
+
+
+def chunk_size(text: str) -> str:
+    """--chunk-bytes, read as LitData reads it (so that what passes here is what `optimize` takes)."""
+    from litdata.utilities.format import _convert_bytes_to_int
+
+    try:
+        valid = _convert_bytes_to_int(text) >= 1
+    except ValueError:
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; allowed: a number and a unit, e.g. 64MB, 512KB")
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """A bad argument in one line (argparse prints the usage above it)."""
+        self.exit(2, f"error: {message}; see python -m arcface_lightning.pack --help\n")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="a folder of class folders, or a CSV list of path,label rows")
-    parser.add_argument("out", type=Path, help="the packed set's folder (must not exist)")
+    parser.add_argument("output", type=Path, help="the packed set's folder (must not exist)")
     parser.add_argument("--test-root", type=Path, help="a separate test folder or list (else a split is held out)")
     parser.add_argument("--val-size", type=size, default=0.05, help="images (by_class: classes), or a fraction")
     parser.add_argument("--test-size", type=size, default=None, help="as --val-size (default: the same)")
     parser.add_argument("--val-split", choices=("by_sample", "by_class"), default="by_sample")
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="packing processes")
-    parser.add_argument("--chunk-bytes", default="64MB", help="LitData chunk size")
+    parser.add_argument("--split-seed", type=count(0), default=0)
+    parser.add_argument("--workers", type=count(1), default=min(8, os.cpu_count() or 1), help="packing processes")
+    parser.add_argument("--chunk-bytes", type=chunk_size, default="64MB", help="LitData chunk size")
     args = parser.parse_args(argv)
     try:
         manifest = pack(
             args.source,
-            args.out,
+            args.output,
             test_root=args.test_root,
             val_size=args.val_size,
             test_size=args.test_size,
@@ -167,11 +328,14 @@ def main(argv: list[str] | None = None) -> None:
             chunk_bytes=args.chunk_bytes,
         )
     except (DataError, ValueError) as error:
-        raise SystemExit(f"error: {first_line(error)}") from None
+        raise SystemExit(f"error: {own_names(first_line(error))}") from None
+    except Interrupted as error:
+        print(f"error: {error}; nothing written to {args.output}", file=sys.stderr)
+        raise SystemExit(128 + error.signum) from None
     counts = ", ".join(f"{split} {n}" for split, n in manifest["samples"].items())
-    print(f"packed {args.out}: {counts} images, {len(manifest['classes'])} classes; skipped {manifest['skipped']}")
+    print(f"packed {args.output}: {counts} images, {len(manifest['classes'])} classes; skipped {manifest['skipped']}")
     if manifest["skipped"]:
-        print(f"unreadable images skipped: {args.out / 'skipped.txt'}", file=sys.stderr)
+        print(f"unreadable images skipped: {args.output / 'skipped.txt'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def test_pack_writes_three_splits_a_manifest_and_lists_what_it_skipped(packed: t
     assert not list(out.parent.glob("packed.partial-*"))  # written aside, then renamed
     again = cli("pack", str(source), str(out))
     assert again.returncode != 0 and again.stderr.strip().splitlines()[-1] == (
-        f"error: {out} exists; give a new folder (a packed set is never overwritten)"
+        f"error: output={out} exists; give a new folder (a packed set is never overwritten)"
     )
 
 

@@ -13,7 +13,9 @@ Two pipelines serve the same samples in the same order (same split, same sampler
   tensor ops on the training device (`on_after_batch_transfer`). With `on_device=true` the uint8 set itself lives
   on the GPU, so no batch ever crosses the bus. The storage is tensors.py, the batched augmentation augment.py.
   A user's images (images.py) take this path with `cache=memory`; with `cache=none` they are decoded per sample
-  in the loader's workers into the same uint8 batches, and prepared on the device the same way.
+  in the loader's workers into the same uint8 batches, and prepared on the device the same way. Either way each
+  file is first decoded once when the set is indexed, in the same number of workers, so that files that do not
+  decode are skipped and listed before training.
 - `pipeline=torchvision` (torchvision's sets only): the classic per-sample path (PIL image → torchvision's random
   transforms → ToTensor → Normalize) through the DataLoader and its workers. It stays as the reference the fast
   path is held to: the textbook pipeline every torchvision user knows, with torchvision's own random transforms,
@@ -254,7 +256,7 @@ class ImageDataModule(L.LightningDataModule):
                 )
                 closed_set = not train and hp.val_split == "by_sample"  # the pool's classes, matched by name
                 named = self._pool(train=True).classes if closed_set else None
-                dataset = images.load(hp.dataset, where, key, hp.in_channels, hp.image_size, named)
+                dataset = images.load(hp.dataset, where, key, hp.in_channels, hp.image_size, named, hp.num_workers)
             else:
                 shape = (hp.in_channels, hp.image_size, hp.image_size)
                 num_classes = hp.num_classes if hp.train_classes is None else None

@@ -17,8 +17,9 @@ no exact mid-epoch resume, and leave rank sharding and epoch sizes to the user.
   left out every epoch: pack small sets with a smaller --chunk-bytes). `pack` shuffles the samples before writing,
   so that a chunk mixes classes.
 - Validation and test: the same files read by index (`PackedImages`), through the loaders every other source uses.
-- Decoding (torchvision.io) runs in the loader's workers; batches are uint8 and are normalised and augmented on the
-  device as for every source (datamodule.py).
+- Decoding (data/images.decode: any format to `in_channels`) runs in the loader's workers; batches are uint8 and
+  are normalised and augmented on the device as for every source (datamodule.py). `pack` decoded every image once,
+  so a packed set holds only images that decode.
 """
 
 from __future__ import annotations
