@@ -87,8 +87,10 @@ def world(trained, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (root / "model.onnx").write_text("not really ONNX: refused by its name before it is read\n")
     image = root / "digit.png"
     write_png(torch.full((1, 28, 28), 128, dtype=torch.uint8), str(image))
-    for folder in ("empty_sweep", "adir.onnx", "adir.npz"):
-        (root / folder).mkdir()
+    for folder in ("empty_sweep", "adir.onnx", "adir.npz", "classes/a", "classes/b"):
+        (root / folder).mkdir(parents=True)
+    for name in ("classes/a/1.png", "classes/b/2.png"):
+        write_png(torch.full((1, 28, 28), 200, dtype=torch.uint8), str(root / name))
     contract = checkpoint_contract(ckpt)
     rows = np.eye(5, contract.embedding_size, dtype=np.float32)
     save_embeddings(root / "gallery.npz", rows, np.arange(5), [f"g{i}" for i in range(5)], contract, str(ckpt))
@@ -117,6 +119,7 @@ def world(trained, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "gallery": str(root / "gallery.npz"),
         "other": str(root / "other.npz"),
         "empty_sweep": str(root / "empty_sweep"),
+        "classes": str(root / "classes"),
         **{name: str(root / f"{name}.npz") for name in bad_files},
     }
 
@@ -198,6 +201,13 @@ CASES = [
     ("report missing dir", "report", ["/no/sweep"], r"/no/sweep does not exist; give a sweep dir"),
     ("report a file", "report", ["{text}"], r"\S+ is a file, not a folder; give a sweep dir"),
     ("report no jobs", "report", ["{empty_sweep}"], r"\S+ is not a sweep dir"),
+    # pack
+    ("pack source missing", "pack", ["/no/src", "{run}/p"], r"source=/no/src does not exist"),
+    ("pack output /proc", "pack", ["{classes}", "/proc/nope/p"], r"output=/proc/nope/p cannot be created"),
+    ("pack output under file", "pack", ["{classes}", "{text}/p"], r"output=\S+ is inside \S+, which is a file"),
+    ("pack output exists", "pack", ["{classes}", "{folder}"], r"output=\S+ exists; give a new folder"),
+    ("pack chunk bytes", "pack", ["{classes}", "{run}/p", "--chunk-bytes", "bogus"], r"argument --chunk-bytes: 'bo"),
+    ("pack val size", "pack", ["{classes}", "{run}/p", "--val-size", "40"], r"--val-size=40"),
     # compare: checked before any job starts
     ("compare select", "compare", ["select=val/bogus"], r"select='val/bogus' is invalid; allowed: val/acc_best"),
     ("compare columns", "compare", ["columns=[test/bogus]"], r"columns: 'test/bogus' is not recorded"),

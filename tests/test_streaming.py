@@ -125,8 +125,16 @@ def test_streaming_trains_resumes_mid_epoch_exactly_and_evaluates(packed, tmp_pa
             r"train/chunk-.*\.bin is missing or truncated: pack the images again$",
         ),
         (lambda out: (out / "val" / "index.json").unlink(), r"val/index.json is missing; the packed set is incomplete"),
+        # a set from elsewhere whose index names LitData's pickle deserializer: refused before anything is read
+        (
+            lambda out: (out / "train" / "index.json").write_text(
+                (out / "train" / "index.json").read_text().replace('"bytes", "int"', '"pickle", "int"')
+            ),
+            r"train/index.json has data_format=\['pickle', 'int'\]; allowed: \['bytes', 'int'\], what python -m ",
+        ),
+        (lambda out: (out / "test" / "index.json").write_text("[1, 2"), r"test/index.json is not LitData's index"),
     ],
-    ids=["not packed", "version", "truncated", "incomplete"],
+    ids=["not packed", "version", "truncated", "incomplete", "pickle format", "bad index"],
 )
 def test_a_damaged_packed_set_is_refused_before_training(packed, tmp_path: Path, damage, message: str) -> None:
     _, out = packed

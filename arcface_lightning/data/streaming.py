@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from arcface_lightning.checks import first_line
 from arcface_lightning.data.datamodule import ImageDataModule
 from arcface_lightning.data.datasets import DataError
 from arcface_lightning.data.images import decode
@@ -42,6 +43,7 @@ from arcface_lightning.data.images import decode
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
 FORMAT, VERSION = "arcface-lightning packed set", 1
+PACKED_FORMAT = ["bytes", "int"]  # LitData's data_format of a sample {"image": encoded file, "label": int}
 SPLITS = ("train", "val", "test")
 
 
@@ -70,7 +72,22 @@ def check_chunks(folder: Path, samples: int, key: str) -> None:
     index_path = folder / "index.json"
     if not index_path.is_file():
         raise DataError(f"{key}: {index_path} is missing; the packed set is incomplete: pack the images again")
-    chunks = json.loads(index_path.read_text())["chunks"]
+    try:
+        index = json.loads(index_path.read_text())
+        chunks, config = index["chunks"], index["config"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise DataError(
+            f"{key}: {index_path} is not LitData's index ({first_line(error)}): pack the images again"
+        ) from None
+    # LitData picks each field's deserializer by the name the index gives, and its `pickle` one runs pickle.loads:
+    # a packed set from elsewhere is read only in the formats `pack` writes (the encoded file's bytes, an int).
+    written = {"data_format": PACKED_FORMAT, "item_loader": "PyTreeLoader", "compression": None, "encryption": None}
+    for name, value in written.items():
+        if config.get(name) != value:
+            raise DataError(
+                f"{key}: {index_path} has {name}={config.get(name)!r}; allowed: {value!r}, what "
+                "python -m arcface_lightning.pack writes (other formats could run code when read)"
+            )
     found = sum(chunk["chunk_size"] for chunk in chunks)
     if found != samples:
         raise DataError(f"{key}: {folder} holds {found} samples, arcface.json says {samples}: pack the images again")
