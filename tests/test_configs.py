@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torchvision.io import write_png
 
-from arcface_lightning.config import native_bf16_precision
+from arcface_lightning.config import native_bf16_precision, register_configs
 from arcface_lightning.module import build_head
 from arcface_lightning.train import build
 from conftest import CONF, cli, compose_config
@@ -197,6 +197,21 @@ def test_every_experiment_composes_and_builds(experiment: str, tmp_path: Path) -
     assert model(images).shape == (4, cfg.embedding_size) and model.head.num_classes == cfg.data.num_classes
     # its runs go to logs/<experiment>/; the default experiment's to logs/train/
     assert cfg.task_name == ("train" if experiment == "mnist_default" else experiment)
+
+
+@pytest.mark.parametrize("native", ["32-true", "bf16-mixed"], ids=["no native bf16", "native bf16"])
+def test_no_experiment_hard_codes_a_reduced_precision(native: str) -> None:
+    """Every experiment takes ${native_bf16:}'s choice: on a CPU without native bf16 (where emulated bf16 is slower
+    than fp32) none runs in bf16 or fp16; where it is native, those that use it do."""
+    OmegaConf.register_new_resolver("native_bf16", lambda: native, replace=True)
+    try:
+        precisions = {e: str(compose_config(f"experiment={e}").trainer.precision) for e in EXPERIMENTS}
+    finally:
+        register_configs()  # the real resolver back
+    if native == "32-true":
+        assert all("16" not in p for p in precisions.values()), precisions
+    else:
+        assert {e for e, p in precisions.items() if p == native} >= {"mnist_default", "mnist_fast", "mnist_best"}
 
 
 @pytest.mark.parametrize("head", OPTIONS["head"])
