@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
+import io
+import logging
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -173,10 +180,74 @@ def cli_command(module: str, *overrides: str) -> dict:
     return {"args": [sys.executable, "-m", f"arcface_lightning.{module}", *overrides], "cwd": ROOT, "env": env}
 
 
-def cli(module: str, *overrides: str) -> subprocess.CompletedProcess:
+def cli_process(module: str, *overrides: str) -> subprocess.CompletedProcess:
+    """A real `python -m arcface_lightning.<module> ...`: for what needs processes of its own (DDP ranks, signals,
+    launchers that start processes). Each pays the interpreter's start and the imports again."""
     return subprocess.run(**cli_command(module, *overrides), capture_output=True, text=True, timeout=300)
 
 
-def multirun(sweep: Path, data_root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """A real `python -m arcface_lightning.train -m ...` of tiny jobs on synthetic data, into `sweep`."""
-    return cli("train", "-m", f"hydra.sweep.dir={sweep}", f"paths.data_dir={data_root}", *TINY, *overrides)
+@dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+    escaped: BaseException | None  # an exception the command did not turn into a line: a traceback for a user
+
+
+def invoke(command: str, argv: list[str]) -> Outcome:
+    """`python -m arcface_lightning.<command> *argv` in this process, as its console script runs it (`cli()`, or
+    `main(argv)` for pack and report, with sys.argv set): exit code, stdout, stderr, and any exception that escaped.
+    What a command changes in the process is put back: sys.argv, the working directory, signal handlers, the root
+    logger's handlers and level (Hydra configures logging per job), and ARCFACE_DATA_DIR (unset, as cli_command)."""
+    module = importlib.import_module(f"arcface_lightning.{command}")
+    saved_argv, saved_cwd, out, err = sys.argv, os.getcwd(), io.StringIO(), io.StringIO()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    root = logging.getLogger()
+    root_handlers, root_level = root.handlers[:], root.level
+    data_dir = os.environ.pop("ARCFACE_DATA_DIR", None)
+    sys.argv = [module.__file__, *argv]
+    code, escaped = 0, None
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.main(argv) if command in ("pack", "report") else module.cli()
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            err.write(stop.code + "\n")
+            code = 1
+        else:
+            code = stop.code or 0
+    except Exception as error:
+        escaped, code = error, 1
+        err.write(traceback.format_exc())  # what Python would print for a user
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        if data_dir is not None:
+            os.environ["ARCFACE_DATA_DIR"] = data_dir
+        for signum, handler in handlers.items():  # a command's own handlers (report's) end with it
+            signal.signal(signum, handler)
+        for handler in root.handlers[:]:  # Hydra's: to our StringIO and the run dir's log file
+            if handler not in root_handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in root_handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(root_level)
+    return Outcome(code, out.getvalue(), err.getvalue(), escaped)
+
+
+def cli(module: str, *overrides: str) -> subprocess.CompletedProcess:
+    """An entry point run as its console script would run it, in this process (`invoke`): the same exit code,
+    stdout and stderr as `python -m arcface_lightning.<module> ...` without paying for a new interpreter and its
+    imports (most of a tiny run's time). `cli_process` where the test needs a process of its own."""
+    outcome = invoke(module, list(overrides))
+    return subprocess.CompletedProcess([module, *overrides], outcome.code, outcome.out, outcome.err)
+
+
+def multirun(sweep: Path, data_root: Path, *overrides: str, process: bool = False) -> subprocess.CompletedProcess:
+    """`python -m arcface_lightning.train -m ...` of tiny jobs on synthetic data, into `sweep` (in this process,
+    or with `process=True` a real one: for launchers that start processes)."""
+    run = cli_process if process else cli
+    return run("train", "-m", f"hydra.sweep.dir={sweep}", f"paths.data_dir={data_root}", *TINY, *overrides)

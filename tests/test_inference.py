@@ -21,7 +21,7 @@ from arcface_lightning.inference import (
 from arcface_lightning.metrics import sample_pairs, threshold_at_far
 from arcface_lightning.runs import run
 from arcface_lightning.verify import verify
-from conftest import cli, compose_config
+from conftest import cli_process, compose_config
 
 
 def test_threshold_at_far_accepts_at_most_that_fraction_of_negatives_and_no_lower_threshold_does() -> None:
@@ -188,7 +188,7 @@ def test_embed_under_ddp_merges_the_ranks_shares_in_order_without_the_padding(ch
     single, ddp = tmp_path / "single.npz", tmp_path / "ddp.npz"
     overrides = [f"ckpt_path={ckpt}", f"input={folder}", "data.eval_batch_size=4"]
     assert run(embed, embed_config(tmp_path, data, ckpt, *overrides[1:], f"output={single}"))["status"] == "ok"
-    result = cli("embed", *overrides, f"output={ddp}", "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'run'}")
+    result = cli_process("embed", *overrides, f"output={ddp}", "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = read_embeddings(single), read_embeddings(ddp)
     assert list(two.sources) == list(one.sources) and list(two.labels) == list(one.labels) == list(labels[:25])

@@ -307,7 +307,7 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
     from arcface_lightning.evaluate import evaluate  # here: the spawned ranks above import this file without Lightning
     from arcface_lightning.runs import run
     from arcface_lightning.train import train
-    from conftest import TINY, cli, compose_config, tiny_config
+    from conftest import TINY, cli_process, compose_config, tiny_config
 
     first = tmp_path / "two"
     common = [f"paths.data_dir={mnist_root}", *TINY, *SHARDED, "logger=csv"]
@@ -315,7 +315,7 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
                       f"+callbacks.first_step.dirpath={tmp_path / 'first_step'}", "+callbacks.first_step.filename=run",
                       "+callbacks.first_step.every_n_train_steps=1", "+callbacks.first_step.save_top_k=1",
                       "+callbacks.first_step.monitor=step", "+callbacks.first_step.mode=min"]  # fmt: skip
-    result = cli("train", f"hydra.run.dir={first}", *common, "trainer=ddp_cpu", *after_one_step)
+    result = cli_process("train", f"hydra.run.dir={first}", *common, "trainer=ddp_cpu", *after_one_step)
     assert result.returncode == 0, result.stderr[-3000:]
     # One step of the same run with the plain head (DDP replicating the centres and their momentum) leaves the same
     # weights and momentum: sharding changes where the numbers are computed, not what they are (a global batch of
@@ -323,8 +323,8 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
     # convolutions' memory order moves the weights more than sharding does; BENCHMARKS.md, Issue 15).
     sharded_step = torch.load(tmp_path / "first_step" / "run.ckpt", weights_only=True)
     one_step = ["trainer.max_steps=1", "trainer.limit_val_batches=0", "trainer.limit_test_batches=0"]
-    result = cli("train", f"hydra.run.dir={tmp_path / 'plain'}", *common, "head.sharded=false", "head.sample_rate=1.0",
-                 "trainer=ddp_cpu", *one_step)  # fmt: skip
+    result = cli_process("train", f"hydra.run.dir={tmp_path / 'plain'}", *common, "head.sharded=false",
+                         "head.sample_rate=1.0", "trainer=ddp_cpu", *one_step)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     plain_step = torch.load(tmp_path / "plain" / "checkpoints" / "last.ckpt", weights_only=True)
     assert sharded_step["global_step"] == plain_step["global_step"] == 1
@@ -367,7 +367,7 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
     )
     three = tmp_path / "three"
     shutil.copytree(first, three)
-    result = cli("train", f"hydra.run.dir={three}", *common, "trainer=ddp_cpu", "trainer.devices=3",
+    result = cli_process("train", f"hydra.run.dir={three}", *common, "trainer=ddp_cpu", "trainer.devices=3",
                  "trainer.max_epochs=2", "ckpt_path=last")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for continued in (resumed, json.loads((three / "metrics.json").read_text())):

@@ -10,15 +10,8 @@ worker: a trained checkpoint, its embeddings and exports, hostile and malformed 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
-import io
-import logging
 import re
-import signal
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,43 +20,7 @@ import torch
 from torchvision.io import write_png
 
 from arcface_lightning.inference import checkpoint_contract, save_embeddings
-from conftest import TINY
-
-
-@dataclass
-class Outcome:
-    code: int
-    out: str
-    err: str
-    escaped: BaseException | None  # an exception the command did not turn into a line: a traceback for a user
-
-
-def invoke(command: str, argv: list[str]) -> Outcome:
-    """Run `python -m arcface_lightning.<command> *argv` in this process."""
-    module = importlib.import_module(f"arcface_lightning.{command}")
-    saved_argv, out, err = sys.argv, io.StringIO(), io.StringIO()
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    sys.argv = [module.__file__, *argv]
-    code, escaped = 0, None
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            module.main(argv) if command in ("pack", "report") else module.cli()
-    except SystemExit as stop:
-        if isinstance(stop.code, str):
-            err.write(stop.code + "\n")
-            code = 1
-        else:
-            code = stop.code or 0
-    except Exception as error:
-        escaped, code = error, 1
-    finally:
-        sys.argv = saved_argv
-        for signum, handler in handlers.items():  # a command's own handlers (report's) end with it
-            signal.signal(signum, handler)
-        for handler in logging.getLogger().handlers[:]:  # Hydra's handlers wrote to our StringIO
-            if getattr(handler, "stream", None) in (out, err):
-                logging.getLogger().removeHandler(handler)
-    return Outcome(code, out.getvalue(), err.getvalue(), escaped)
+from conftest import TINY, Outcome, invoke
 
 
 def error_line(outcome: Outcome) -> str:

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from arcface_lightning.train import train
-from conftest import TINY, cli, cli_command, multirun, write_mnist
+from conftest import TINY, cli, cli_command, cli_process, multirun, write_mnist
 
 
 def test_ddp_cpu_trains_two_ranks_into_one_run_dir(mnist_root: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "ddp"
-    result = cli("train", f"hydra.run.dir={run_dir}", f"paths.data_dir={mnist_root}", *TINY, "trainer=ddp_cpu")
+    result = cli_process("train", f"hydra.run.dir={run_dir}", f"paths.data_dir={mnist_root}", *TINY, "trainer=ddp_cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]  # rank 1's exit is not the launcher's
     record = json.loads((run_dir / "metrics.json").read_text())
@@ -63,7 +63,7 @@ def test_bf16_mixed_training_stays_finite(make_cfg) -> None:
 
 def test_submitit_local_runs_a_two_job_multirun(mnist_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = multirun(sweep, mnist_root, "hydra/launcher=submitit_local", "head.m=0.2,0.4")
+    result = multirun(sweep, mnist_root, "hydra/launcher=submitit_local", "head.m=0.2,0.4", process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
     assert [r["status"] for r in records] == ["ok", "ok"] and (sweep / "summary.csv").is_file()

@@ -62,7 +62,8 @@ def test_grid_multirun_writes_every_job_and_the_report(mnist_root: Path, tmp_pat
 
 def test_joblib_runs_jobs_in_parallel_processes_and_a_bad_grid_point_fails_alone(mnist_root, tmp_path) -> None:
     sweep = tmp_path / "sweep"
-    result = multirun(sweep, mnist_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "head.m=0.3,5")
+    launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    result = multirun(sweep, mnist_root, *launcher, "head.m=0.3,5", process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     rows = {r["head.m"]: r for r in summary(sweep)}
