@@ -13,6 +13,9 @@ An image whose shorter side is less than half the model's `image_size` is scored
 than 2× invents most of the pixels the model sees (a 1×1 image becomes a flat square), so its score says little
 about the identity (metrics.json names it under `small_images`). A TorchScript `ckpt_path` (.pt) is a program:
 loading it runs the code it holds, so give only files you trust.
+
+With an .onnx or .pt model the command imports neither Lightning nor (for PNG images) torchvision; a .ckpt brings
+Lightning in to rebuild its model (seconds more at start).
 """
 
 from __future__ import annotations
