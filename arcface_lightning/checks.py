@@ -1,8 +1,14 @@
-"""Argument checks for the heads, backbones and data module (plain Python, no framework imports).
+"""Argument checks for the heads, backbones and data module, and the user errors the entry points say in one line
+(plain Python, no framework imports: a command that imports these imports nothing else).
 
 A bad value raises `BadValue`, a ValueError that names the argument, the value and what is allowed. Used directly,
 the message reads `ArcFaceHead: s=-1 is invalid; allowed: a finite number > 0`; the entry points catch it and
 name the config key instead (`head.s=-1 ...`, see config.py).
+
+The user errors (`USER_ERRORS`: runs.run prints their first line, no traceback) live here so that a command catches
+them without importing the modules that raise them (Lightning, torchvision); each is also importable from the module
+it belongs to (`ConfigError` from config.py, `DataError` from data/, `ModelError` from inference.py, `DivergedError`
+from module.py, `TargetNotAllowed` from registry.py).
 """
 
 from __future__ import annotations
@@ -10,6 +16,35 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad value on the command line or in a config file, found before any training starts."""
+
+
+class DataError(RuntimeError):
+    """Data missing, unreadable or inconsistent with the config: the message says where and how to fix it."""
+
+
+class ModelError(ValueError):
+    """A model file, an embeddings file, an input that does not fit them, or an output path that cannot be written:
+    said in one line."""
+
+
+class DivergedError(FloatingPointError):
+    """The training loss stopped being finite: the run stops at once rather than train on NaNs."""
+
+
+class TargetNotAllowed(ValueError):
+    """A `_target_` outside the allow-list: said in one line, nothing imported or called."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM outside Lightning's loops (inference.sigterm_raises where Lightning is not loaded): runs.run records
+    the run as interrupted, as it does Lightning's own SIGTERMException."""
+
+
+USER_ERRORS = (ConfigError, DataError, DivergedError, ModelError, TargetNotAllowed)  # one line, no traceback
 
 
 class BadValue(ValueError):

@@ -12,6 +12,9 @@ The command line itself is checked before Hydra starts, in overrides.py.
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import inspect
 import os
 import re
@@ -20,7 +23,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
@@ -28,7 +30,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from arcface_lightning.checks import BadValue, first_line, is_int, require
+from arcface_lightning.checks import BadValue, ConfigError, first_line, is_int, require
 from arcface_lightning.metrics import SELECTION
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,13 +80,8 @@ def register_configs() -> None:
     - `${pid:}` in run and sweep dir names: two runs started in the same second never share a folder. Cached, so
       the jobs of a sweep, sent to other processes by launchers, see the launching process's value.
     """
-    flags = {
-        name: p.default
-        for name, p in inspect.signature(L.Trainer.__init__).parameters.items()
-        if name != "self" and (p.default is None or isinstance(p.default, (bool, int, float, str)))
-    }
     ConfigStore.instance().store(
-        group="trainer", name="lightning", node={"_target_": "lightning.pytorch.Trainer", **flags}
+        group="trainer", name="lightning", node={"_target_": "lightning.pytorch.Trainer", **trainer_flags()}
     )
     OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
     OmegaConf.register_new_resolver("native_bf16", native_bf16_precision, use_cache=True, replace=True)
@@ -92,8 +89,43 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("selection", selection_metric, replace=True)
 
 
-class ConfigError(ValueError):
-    """A bad value on the command line or in a config file, found before any training starts."""
+PLAIN_DEFAULT = (bool, int, float, str)  # the Trainer flags conf/ can set: defaults None or of these types
+
+
+@functools.cache
+def trainer_flags() -> dict[str, Any]:
+    """Every flag of Lightning's `Trainer` whose default is None, a bool, an int, a float or a str, at that default
+    (what `inspect.signature(lightning.pytorch.Trainer.__init__)` gives; a test holds the two equal). Read with `ast`
+    from the installed Lightning's source, lightning/pytorch/trainer/trainer.py, without importing it: importing
+    Lightning takes seconds, and the commands that never build a Trainer (search, verify, embed with an export)
+    compose configs too. Where that file cannot be read (Lightning installed otherwise), the signature itself."""
+    spec = importlib.util.find_spec("lightning")  # a top-level name: finding it imports nothing
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    source = Path(folders[0], "pytorch", "trainer", "trainer.py") if folders else None
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"), str(source))  # type: ignore[union-attr]
+        trainer = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Trainer")
+        init = next(node for node in trainer.body if isinstance(node, ast.FunctionDef) and node.name == "__init__")
+    except (AttributeError, OSError, StopIteration, SyntaxError, UnicodeDecodeError):
+        import lightning as L
+
+        parameters = inspect.signature(L.Trainer.__init__).parameters.items()
+        defaults = {name: p.default for name, p in parameters if p.default is not inspect.Parameter.empty}
+        return {k: v for k, v in defaults.items() if v is None or isinstance(v, PLAIN_DEFAULT)}
+    args = init.args
+    positional = args.posonlyargs + args.args
+    pairs = list(zip(positional[len(positional) - len(args.defaults) :], args.defaults, strict=True))
+    keyword = zip(args.kwonlyargs, args.kw_defaults, strict=True)
+    pairs += [(arg, default) for arg, default in keyword if default is not None]  # None: no default
+    flags = {}
+    for arg, default in pairs:
+        try:
+            value = ast.literal_eval(default)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # a name or a call: not plain data
+            continue
+        if value is None or isinstance(value, PLAIN_DEFAULT):
+            flags[arg.arg] = value
+    return flags
 
 
 def root_cause(error: BaseException) -> BaseException:

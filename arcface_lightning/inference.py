@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 import warnings
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from arcface_lightning.checks import first_line
+from arcface_lightning.checks import DataError, ModelError, Terminated, first_line
 from arcface_lightning.heads import normalize
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,6 @@ def far_key(far: float) -> str:
     """The name of the threshold at a false accept rate: far=1e-3."""
     mantissa, exponent = f"{float(far):.0e}".split("e")
     return f"far={mantissa}e{int(exponent)}"
-
-
-class ModelError(ValueError):
-    """A model file, an embeddings file, an input that does not fit them, or an output path that cannot be written:
-    said in one line."""
 
 
 @dataclass(frozen=True)
@@ -291,10 +287,23 @@ def embed_images(embed: EmbedFn, images: list[torch.Tensor], batch_size: int = 2
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
 
 
+def embed_files(embed: EmbedFn, contract: Contract, paths: list[str], batch_size: int = 256) -> np.ndarray:
+    """Embeddings (float32 (N, D), unit rows) of image files, decoded to the contract's size and channels
+    (data/images.read_image) and embedded `batch_size` at a time: one batch of decoded images in memory. What embed
+    does with an export and search with query images; a file that does not decode is one line naming it."""
+    from arcface_lightning.data.images import read_image
+
+    size, channels = contract.image_size, contract.in_channels
+    parts = [
+        embed_images(embed, [read_image(p, channels, size) for p in paths[i : i + batch_size]], batch_size)
+        for i in range(0, len(paths), batch_size)
+    ]
+    return np.concatenate(parts) if parts else np.zeros((0, contract.embedding_size), np.float32)
+
+
 def index_inputs(path: str | Path, key: str = "input") -> tuple[list[str], list[int], list[str] | None]:
     """(paths, labels, class names) of what a user points at: one image file, a CSV list (`path,label`), a folder
     of class folders (labels from the folder names), or a folder of images (labels -1: unknown)."""
-    from arcface_lightning.data import DataError
     from arcface_lightning.data.images import is_image, read_list, scan_folder
 
     path = Path(path)
@@ -338,13 +347,15 @@ def check_output(path: str | Path, key: str = "output") -> Path:
 
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """Inside the block SIGTERM raises Lightning's SIGTERMException, which runs.run records as interrupted: its
-    default ends the process on the spot, and no `finally` runs to remove what is half-written. Main thread only
-    (Python sets handlers there); Lightning's own handler, set inside the block, calls this one too."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    """Inside the block SIGTERM raises an exception that runs.run records as interrupted: its default ends the
+    process on the spot, and no `finally` runs to remove what is half-written. Lightning's SIGTERMException where
+    Lightning is loaded (its loops and callbacks know it), else checks.Terminated: a command that never loads
+    Lightning does not import it for this. Main thread only (Python sets handlers there); Lightning's own handler,
+    set inside the block, calls this one too."""
 
     def stop(signum: int, frame: Any) -> None:
-        raise SIGTERMException(signal.Signals(signum).name)
+        lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
+        raise (lightning.SIGTERMException if lightning is not None else Terminated)(signal.Signals(signum).name)
 
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 from arcface_lightning.heads import normalize
 
@@ -120,6 +119,10 @@ def pair_metrics(scores: torch.Tensor, same: torch.Tensor, fold_of: torch.Tensor
     as the mean and standard deviation over folds, with the mean threshold."""
     if same.all() or not same.any():
         raise ValueError("verification needs both same-class and different-class pairs")
+    # torchmetrics here, not at the top: it imports torchvision, scipy and matplotlib (seconds), and config.py reads
+    # SELECTION from this module in every command
+    from torchmetrics.functional.classification import binary_auroc, binary_roc
+
     far, tar, _ = binary_roc(scores, same.long())
     metrics = {"verification_auc": float(binary_auroc(scores, same.long()))}
     for target, name in ((1e-3, "tar_at_far_1e-3"), (1e-4, "tar_at_far_1e-4")):

@@ -20,7 +20,7 @@ from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from arcface_lightning import heads
-from arcface_lightning.checks import check_choice, check_int
+from arcface_lightning.checks import DivergedError, check_choice, check_int
 from arcface_lightning.heads import CombinedMarginHead
 from arcface_lightning.metrics import SELECTION, embedding_metrics
 from arcface_lightning.partial_fc import AUTO_SHARD_CLASSES, PartialFC, defers_centres
@@ -53,10 +53,6 @@ def build_head(config: Mapping[str, Any]) -> nn.Module:
         return PartialFC(head, sample_rate=sample_rate, sharded=sharded)
     check_choice("PartialFC", "sharded", sharded, (True, False, "auto"))
     return head
-
-
-class DivergedError(FloatingPointError):
-    """The training loss stopped being finite: the run stops at once rather than train on NaNs."""
 
 
 class ArcFaceModule(L.LightningModule):

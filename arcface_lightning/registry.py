@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from arcface_lightning.checks import TargetNotAllowed
+
 BACKBONES = frozenset(
     {
         "arcface_lightning.backbones.SimpleCNN",
@@ -43,10 +45,6 @@ HEADS = frozenset(
 )
 ALLOWED_BY_PART = {"backbone": BACKBONES, "head": HEADS}
 _user_targets: set[str] = set()
-
-
-class TargetNotAllowed(ValueError):
-    """A `_target_` outside the allow-list: said in one line, nothing imported or called."""
 
 
 def allow(targets: Iterable[str] | None) -> None:

@@ -11,34 +11,52 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only  # the object Lightning sets `.rank` on
 from omegaconf import DictConfig, OmegaConf
 
-from arcface_lightning.checks import BadValue
-from arcface_lightning.config import ConfigError, check_run_keys, named_error, one_line, print_config, root_cause
-from arcface_lightning.data import DataError, ImageDataModule
-from arcface_lightning.data.streaming import StreamingDataModule
-from arcface_lightning.inference import ModelError, read_checkpoint
-from arcface_lightning.module import ArcFaceModule, DivergedError
-from arcface_lightning.registry import TargetNotAllowed, allow
+from arcface_lightning.checks import USER_ERRORS, BadValue, ConfigError, DivergedError, ModelError, Terminated
+from arcface_lightning.config import check_run_keys, named_error, one_line, print_config, root_cause
+from arcface_lightning.inference import read_checkpoint
+from arcface_lightning.registry import allow
+
+if TYPE_CHECKING:
+    from arcface_lightning.data.datamodule import ImageDataModule
+    from arcface_lightning.module import ArcFaceModule
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (ConfigError, DataError, DivergedError, ModelError, TargetNotAllowed)  # one line, no traceback
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # where Lightning reads a rank
+
+
+def global_rank() -> int:
+    """This process's rank: the one Lightning set (rank_zero_only.rank), else the one its launcher's environment
+    gives (as Lightning reads it on import), else 0. Lightning itself is not imported: the commands that use an
+    export or an embeddings file never load it."""
+    rank = getattr(rank_zero_only, "rank", None)
+    if rank is None:
+        rank = next((int(os.environ[key]) for key in RANK_VARIABLES if key in os.environ), 0)
+    return int(rank)
+
+
+def terminations() -> tuple[type[BaseException], ...]:
+    """What a SIGTERM raises: checks.Terminated (inference.sigterm_raises), and Lightning's SIGTERMException (its
+    loops stop at a step boundary) where Lightning is loaded; looked up when caught, so nothing imports it."""
+    lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return (Terminated, lightning.SIGTERMException) if lightning is not None else (Terminated,)
 
 
 def start(cfg: DictConfig) -> None:
     """What every entry point does first: check the top-level keys, print the config if asked, set matmul precision."""
     check_run_keys(cfg)
     allow(cfg.get("allowed_targets"))
-    if cfg.get("extras") and cfg.extras.get("print_config") and rank_zero_only.rank == 0:
+    if cfg.get("extras") and cfg.extras.get("print_config") and global_rank() == 0:
         print_config(cfg)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision") or "highest")
 
@@ -105,7 +123,7 @@ def write_classes(datamodule: Any, output_dir: Path) -> None:
     """classes.json in the run dir: the class name of each of the head's class ids, where the data names them (a
     user's images; the same list is in every checkpoint, under the data module's state)."""
     classes = getattr(datamodule, "classes", None)
-    if classes is not None and rank_zero_only.rank == 0:
+    if classes is not None and global_rank() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "classes.json").write_text(json.dumps(classes, indent=0) + "\n")
 
@@ -116,7 +134,7 @@ def interrupted(record: dict[str, Any], output_dir: Path, began: float, signal_n
     last = output_dir / "checkpoints" / "last.ckpt"
     resume = f"resume: ckpt_path=last hydra.run.dir={output_dir}" if last.is_file() else "nothing saved to resume"
     record.update(status="interrupted", error=f"{signal_name}; {resume}")
-    if rank_zero_only.rank == 0:
+    if global_rank() == 0:
         write_metrics(output_dir, {**record, "wall_time_s": round(time.perf_counter() - began, 3)})
     raise SystemExit(f"interrupted: {record['error']}") from None
 
@@ -134,7 +152,8 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep:
     with sigint_as_sigterm() as sigints:
         try:
             record.update(task(cfg))
-        except SIGTERMException:  # Lightning stopped at a step boundary; CheckpointOnSigterm saved last.ckpt
+        except terminations():  # Lightning stopped at a step boundary (CheckpointOnSigterm saved last.ckpt), or
+            # a SIGTERM in sigterm_raises
             interrupted(record, output_dir, began, "SIGINT" if sigints else "SIGTERM")
         except (KeyboardInterrupt, SystemExit) as error:  # Ctrl-C outside Lightning's loops, or Lightning's exit(1)
             if not sigints or (isinstance(error, SystemExit) and error.code in (0, None)):
@@ -153,10 +172,10 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep:
     path = output_dir / "metrics.json"
     # One writer (rank zero under DDP); and a refused resume never overwrites the record of the run it names.
     refused = isinstance(failure, ConfigError) and path.exists()
-    if rank_zero_only.rank == 0 and not refused:
+    if global_rank() == 0 and not refused:
         write_metrics(output_dir, record)
     if failure is None:
-        if rank_zero_only.rank == 0:
+        if global_rank() == 0:
             log.info("run dir: %s", output_dir.resolve())
             log.info("metrics: %s", path)
             if any(output_dir.glob("**/events.out.tfevents.*")):
@@ -172,7 +191,12 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep:
 
 def load_checkpoint(cfg: DictConfig, ckpt_path: str) -> tuple[ArcFaceModule, ImageDataModule]:
     """The module and its data module from a checkpoint; `cfg.data` keys that are not null override the data
-    module's saved values (where the files are, how they are loaded). evaluate and embed."""
+    module's saved values (where the files are, how they are loaded). evaluate and embed. Imports Lightning, the
+    model and the data modules (seconds): only here, where a checkpoint is loaded."""
+    from arcface_lightning.data.datamodule import ImageDataModule
+    from arcface_lightning.data.streaming import StreamingDataModule
+    from arcface_lightning.module import ArcFaceModule
+
     try:  # model and data settings (dataset, normalisation, split) both come from the checkpoint
         model = ArcFaceModule.load_from_checkpoint(ckpt_path, map_location="cpu")
         given = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}

@@ -19,6 +19,9 @@ length (their dot products are no cosines), malformed arrays, and an `output=` t
 be written are refused in one line before the search. The CSV is written aside and renamed.
 
 `model=` may be a TorchScript file (.pt): loading one runs the code it holds, so give only files you trust.
+
+Embeddings files, and query images with an .onnx or .pt model, are searched without importing Lightning (nor, for
+PNG images, torchvision); a .ckpt as the model brings Lightning in (seconds more at start).
 """
 
 from __future__ import annotations
@@ -39,11 +42,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from arcface_lightning.config import CONF_DIR, ConfigError, register_configs
 from arcface_lightning.data import DataError
-from arcface_lightning.data.images import read_image
 from arcface_lightning.inference import (
     Embeddings,
     check_output,
-    embed_images,
+    embed_files,
     index_inputs,
     load_model,
     read_embeddings,
@@ -171,12 +173,7 @@ def embed_query(cfg: DictConfig, gallery: Embeddings) -> tuple[np.ndarray, np.nd
     embed, contract = load_model(model, key="model" if cfg.query_model else "the gallery's model")
     gallery.contract.check_same(contract, what, f"model={model}")
     gallery.contract.check_same_model(contract, what, f"model={model}")
-    size, channels, batch = contract.image_size, contract.in_channels, cfg.batch_size
-    parts = [
-        embed_images(embed, [read_image(p, channels, size) for p in paths[i : i + batch]], batch)
-        for i in range(0, len(paths), batch)
-    ]
-    return np.concatenate(parts), np.asarray(labels), paths, classes or []
+    return embed_files(embed, contract, paths, cfg.batch_size), np.asarray(labels), paths, classes or []
 
 
 def names(labels: np.ndarray, classes: list[str]) -> list[str]:

@@ -13,6 +13,9 @@ An image whose shorter side is less than half the model's `image_size` is scored
 than 2× invents most of the pixels the model sees (a 1×1 image becomes a flat square), so its score says little
 about the identity (metrics.json names it under `small_images`). A TorchScript `ckpt_path` (.pt) is a program:
 loading it runs the code it holds, so give only files you trust.
+
+With an .onnx or .pt model the command imports neither Lightning nor (for PNG images) torchvision; a .ckpt brings
+Lightning in to rebuild its model (seconds more at start).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchvision.io import decode_image, read_file
+from PIL import Image
 
 from arcface_lightning.config import CONF_DIR, ConfigError, register_configs
 from arcface_lightning.data.images import read_image
@@ -38,11 +41,14 @@ SMALL_IMAGE_FRACTION = 0.5  # of image_size: a shorter side below it is resized 
 
 
 def original_size(path: str) -> tuple[int, int] | None:
-    """(height, width) of an image file as stored, or None where it cannot be read (read_image says why)."""
+    """(height, width) of an image file as stored, or None where it cannot be read (read_image says why). Pillow
+    reads the header only."""
     try:
-        return tuple(decode_image(read_file(path)).shape[-2:])
+        with Image.open(path) as image:
+            width, height = image.size
     except Exception:
         return None
+    return height, width
 
 
 def warn_if_small(key: str, path: str, image_size: int) -> bool:

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 
-from arcface_lightning.checks import first_line
+from arcface_lightning.checks import DataError, first_line
 from arcface_lightning.data.tensors import targets
 
 DATASETS: dict[str, type[datasets.VisionDataset]] = {
@@ -23,10 +23,6 @@ DATASETS: dict[str, type[datasets.VisionDataset]] = {
     "KMNIST": datasets.KMNIST,
     "CIFAR10": datasets.CIFAR10,
 }
-
-
-class DataError(RuntimeError):
-    """Data missing, unreadable or inconsistent with the config: the message says where and how to fix it."""
 
 
 def folder(root: Path, name: str) -> Path:

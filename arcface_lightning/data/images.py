@@ -14,6 +14,11 @@
   decoded (faster; what Pillow gives with `draft("L")`). JPEG, GIF and WebP are decoded by torchvision.io; PNG by
   Pillow, because torchvision.io's PNG decoder crashes the process (SIGSEGV, no exception) on a corrupt PNG
   (libpng's error jump, torchvision 0.29).
+- `fit`: resized on the shorter side (bilinear, antialiased) and centre-cropped with torch's own ops, pixel for pixel
+  what torchvision's `resize` + `center_crop` give (a test holds them equal).
+
+torchvision is imported only where a JPEG, GIF or WebP is decoded: importing any part of it imports
+torchvision.models too (seconds), and PNG input (verify, search, embed with an export) needs none of it.
 
 What is wrong with the data is said in one line (`DataError`) or, where skipping is the sensible thing, listed
 once in the log:
@@ -33,19 +38,18 @@ import csv
 import io
 import logging
 import os
+import platform
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms.v2 import functional as TF
 
-from arcface_lightning.checks import first_line
-from arcface_lightning.data.datasets import DataError
+from arcface_lightning.checks import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +169,9 @@ def read_image(path: str, in_channels: int, image_size: int) -> torch.Tensor:
 def read_bytes(path: str) -> torch.Tensor:
     """A file's bytes as uint8 1-D; a missing or unreadable file is one line naming it."""
     try:
-        return read_file(path)
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+        return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     except Exception as error:
         if not os.path.isfile(path):
             raise DataError(f"no such image file: {path}") from None
@@ -187,6 +193,8 @@ def pixels(data: torch.Tensor, in_channels: int, name: str) -> torch.Tensor:
         if head == PNG_SIGNATURE:
             image = decode_png(data.numpy().tobytes(), in_channels)
         else:  # GIF and WebP ignore a grayscale mode (RGB it is, then luma); a JPEG's own luma plane is decoded alone
+            from torchvision.io import ImageReadMode, decode_image  # here: torchvision takes seconds to import
+
             gray = in_channels == 1 and head.startswith(JPEG_SIGNATURE)
             image = decode_image(data, mode=ImageReadMode.GRAY if gray else ImageReadMode.RGB)
             image = image[0] if image.ndim == 4 else image  # an animated GIF: its first frame
@@ -218,10 +226,47 @@ def to_channels(image: torch.Tensor, in_channels: int) -> torch.Tensor:
 
 
 def fit(image: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Resized on the shorter side, then centre-cropped to image_size × image_size (untouched at that size)."""
-    if image.shape[-2:] != (image_size, image_size):
-        image = TF.center_crop(TF.resize(image, image_size, antialias=True), [image_size, image_size])
-    return image
+    """Resized on the shorter side, then centre-cropped to image_size × image_size (untouched at that size): uint8
+    (C, H, W) in and out, exactly torchvision's `center_crop(resize(image, image_size, antialias=True), image_size)`
+    (transforms.v2.functional, bilinear) without importing torchvision."""
+    if image.shape[-2:] == (image_size, image_size):
+        return image
+    image = resize_shorter(image, image_size)
+    top = round((image.shape[-2] - image_size) / 2.0)  # torchvision's crop anchor (round half to even)
+    left = round((image.shape[-1] - image_size) / 2.0)
+    return image[..., top : top + image_size, left : left + image_size]
+
+
+def native_uint8_resize() -> bool:
+    """Whether torchvision resizes uint8 images on the CPU as uint8 (bilinear, where ATen has AVX2 or AVX512 kernels,
+    or on ARM) or through float32 (then rounded): the two differ by one grey level here and there."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+
+
+def resize_shorter(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (C, H, W) with its shorter side resized to `size` and the longer one to int(size · long / short), bilinear
+    with antialiasing: torchvision's `resize(image, size)`, step for step (its output-size rule, its uint8 path, and
+    its handling of a channels-last image, which decode_image returns for a JPEG)."""
+    channels, height, width = image.shape[-3:]
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new_height, new_width = (new_long, new_short) if width <= height else (new_short, new_long)
+    if (new_height, new_width) == (height, width):
+        return image
+    shape, numel = image.shape, image.numel()
+    if numel == 0:
+        return image.reshape((*shape[:-2], new_height, new_width))
+    batch = image.reshape(-1, channels, height, width)
+    strides = batch.stride()
+    if batch.is_contiguous(memory_format=torch.channels_last) and batch.shape[0] == 1 and numel != strides[0]:
+        # one channels-last image: strided so that interpolate's output is channels-last too (torchvision does this)
+        batch = batch.as_strided((1, channels, height, width), [numel, *strides[1:]])
+    cast = not (image.dtype in (torch.float32, torch.float64) or (image.dtype == torch.uint8 and native_uint8_resize()))
+    x = batch.float() if cast else batch
+    x = F.interpolate(x, size=[new_height, new_width], mode="bilinear", align_corners=False, antialias=True)
+    if cast:
+        x = x.round_().to(image.dtype)
+    return x.reshape((*shape[:-2], new_height, new_width))
 
 
 class Probe(Dataset):
