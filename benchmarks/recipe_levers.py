@@ -15,7 +15,6 @@ import time
 from statistics import median
 
 import torch
-
 from common import machine
 
 from arcface_lightning.backbones import SimpleCNN
@@ -82,7 +81,7 @@ def main() -> None:
 
 
 def step(run, prepare: BatchPreparation, generator: torch.Generator) -> None:
-    (backbone, head, optimizer, forward), images, labels, channels_last, precision, _, _ = run
+    (_, head, optimizer, forward), images, labels, channels_last, precision, _, _ = run
     x = prepare(images, generator)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
