@@ -14,6 +14,7 @@ from module.py, `TargetNotAllowed` from registry.py).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,6 +46,13 @@ class Terminated(SystemExit):
 
 
 USER_ERRORS = (ConfigError, DataError, DivergedError, ModelError, TargetNotAllowed)  # one line, no traceback
+
+
+def sigterm_exception() -> type[BaseException]:
+    """What a SIGTERM raises in this process: Lightning's SIGTERMException where Lightning is loaded (its loops stop
+    at a step boundary on it), else `Terminated`. Looked up in sys.modules, so nothing imports Lightning for it."""
+    lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return lightning.SIGTERMException if lightning is not None else Terminated
 
 
 class BadValue(ValueError):

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import tempfile
 import threading
 import warnings
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from arcface_lightning.checks import DataError, ModelError, Terminated, first_line
+from arcface_lightning.checks import DataError, ModelError, first_line, sigterm_exception
 from arcface_lightning.heads import normalize
 
 log = logging.getLogger(__name__)
@@ -354,8 +353,7 @@ def sigterm_raises() -> Iterator[None]:
     set inside the block, calls this one too."""
 
     def stop(signum: int, frame: Any) -> None:
-        lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
-        raise (lightning.SIGTERMException if lightning is not None else Terminated)(signal.Signals(signum).name)
+        raise sigterm_exception()(signal.Signals(signum).name)
 
     if threading.current_thread() is not threading.main_thread():
         yield

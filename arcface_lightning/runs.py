@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,15 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_only  # the object Lightning sets `.rank` on
 from omegaconf import DictConfig, OmegaConf
 
-from arcface_lightning.checks import USER_ERRORS, BadValue, ConfigError, DivergedError, ModelError, Terminated
+from arcface_lightning.checks import (
+    USER_ERRORS,
+    BadValue,
+    ConfigError,
+    DivergedError,
+    ModelError,
+    Terminated,
+    sigterm_exception,
+)
 from arcface_lightning.config import check_run_keys, named_error, one_line, print_config, root_cause
 from arcface_lightning.inference import read_checkpoint
 from arcface_lightning.registry import allow
@@ -48,8 +55,7 @@ def global_rank() -> int:
 def terminations() -> tuple[type[BaseException], ...]:
     """What a SIGTERM raises: checks.Terminated (inference.sigterm_raises), and Lightning's SIGTERMException (its
     loops stop at a step boundary) where Lightning is loaded; looked up when caught, so nothing imports it."""
-    lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
-    return (Terminated, lightning.SIGTERMException) if lightning is not None else (Terminated,)
+    return (Terminated, sigterm_exception())  # the same class twice where Lightning is not loaded: harmless
 
 
 def start(cfg: DictConfig) -> None:
