@@ -13,11 +13,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 from arcface_lightning.checks import check_int
+from arcface_lightning.contract import THRESHOLDS_KEY, far_key
 from arcface_lightning.data.images import ImageFiles
 from arcface_lightning.data.pairs import PairList, read_pairs
 from arcface_lightning.figures import angle_figure, class_angles, sphere_figure
 from arcface_lightning.heads import normalize
-from arcface_lightning.inference import THRESHOLDS_KEY, far_key
 from arcface_lightning.metrics import best_threshold, pair_metrics, sample_pairs, threshold_at_far
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ class TargetNotAllowed(ValueError):
 
 
 class Terminated(SystemExit):
-    """SIGTERM outside Lightning's loops (inference.sigterm_raises where Lightning is not loaded): runs.run records
+    """SIGTERM outside Lightning's loops (writing.sigterm_raises where Lightning is not loaded): runs.run records
     the run as interrupted, as it does Lightning's own SIGTERMException."""
 
 

@@ -23,7 +23,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
@@ -31,7 +30,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from arcface_lightning.checks import BadValue, ConfigError, first_line, is_int, require
-from arcface_lightning.metrics import SELECTION
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -47,6 +45,8 @@ def native_bf16_precision(cpuinfo: Path = Path("/proc/cpuinfo"), capability: str
     below AVX512, and `ONEDNN_MAX_CPU_ISA=AVX2` (or lower) keeps oneDNN's convolutions and matmuls there; with
     either, bf16 is emulated as on a CPU without AVX512, so the choice is fp32. `capability`: ATen's, as
     torch.backends.cpu.get_cpu_capability() reports it (which honours ATEN_CPU_CAPABILITY)."""
+    import torch  # here: the training configs resolve it, the serving commands' configs do not
+
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
     flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
@@ -61,6 +61,8 @@ def native_bf16_precision(cpuinfo: Path = Path("/proc/cpuinfo"), capability: str
 def selection_metric(val_split: str, form: str = "name") -> str:
     """The metric that selects checkpoints for a data.val_split (val/acc, or val/precision_at_1 for by_class); as
     `filename`, ModelCheckpoint's pattern for it (val_acc_{val/acc:.4f})."""
+    from arcface_lightning.metrics import SELECTION  # torch: only where a training config is resolved
+
     if val_split not in SELECTION:
         raise ConfigError(f"data.val_split={val_split!r} is invalid; allowed: {', '.join(SELECTION)}")
     name = SELECTION[val_split]

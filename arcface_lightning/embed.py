@@ -13,13 +13,13 @@ set); its sources are `<split>:<index>` in the split's order.
 
 With a .ckpt, images go through Lightning's `Trainer.predict` and the module's `predict_step` (prediction.py), so
 `trainer.*` (devices, precision, DDP) works as in training; batches are uint8 and are normalised on the device by the
-contract in the checkpoint (inference.Contract), exactly as in training. Loading a .ckpt imports Lightning (seconds
+contract in the checkpoint (contract.Contract), exactly as in training. Loading a .ckpt imports Lightning (seconds
 more at start). With an export, the images are embedded in this process, `data.eval_batch_size` at a time
 (inference.load_model, inference.embed_files; `trainer.*` and `data.num_workers` are not used), without Lightning: an
 ONNX file through ONNX Runtime (pip install "arcface-lightning[onnx]"). A TorchScript file is a program: loading it
 runs the code it holds, so give only files you trust.
 
-The file (inference.save_embeddings), read with NumPy alone: `np.load(path)` → `embeddings` float32 (N, D), `labels`
+The file (contract.save_embeddings), read with NumPy alone: `np.load(path)` → `embeddings` float32 (N, D), `labels`
 int64, `sources`, `classes`, `contract` (JSON, with the SHA-256 of the model's weights: search refuses to compare
 embeddings of two models), `model` (the ckpt_path). `output` is checked before any work (not a folder, in a folder
 that can be written) and written aside: a failure, Ctrl-C or SIGTERM leaves neither it nor the ranks' shares behind.
@@ -39,17 +39,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from arcface_lightning.config import CONF_DIR, ConfigError, register_configs
-from arcface_lightning.inference import (
-    EXPORT_SUFFIXES,
-    check_output,
-    checkpoint_contract,
-    embed_files,
-    index_inputs,
-    load_model,
-    save_embeddings,
-)
+from arcface_lightning.contract import EXPORT_SUFFIXES, save_embeddings
+from arcface_lightning.inference import embed_files, index_inputs, load_model
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.runs import run, start
+from arcface_lightning.writing import check_output
 
 SPLITS = ("train", "val", "test")
 
@@ -77,8 +71,10 @@ def embed(cfg: DictConfig) -> dict[str, Any]:
         sources, labels, classes = index_inputs(cfg.input)
         embeddings = embed_files(model, contract, sources, cfg.data.eval_batch_size)
     else:
+        from arcface_lightning.checkpoints import checkpoint_contract  # torch and Lightning: only for a checkpoint
+        from arcface_lightning.prediction import predict
+
         contract = checkpoint_contract(ckpt_path)  # memory-mapped: only its settings (and the backbone's weights)
-        from arcface_lightning.prediction import predict  # Lightning: only for a checkpoint
 
         predicted = predict(cfg, ckpt_path, contract, output)
         if predicted is None:  # not rank zero: rank zero writes the file

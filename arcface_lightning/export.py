@@ -4,16 +4,16 @@
     python -m arcface_lightning.export ckpt_path=<file.ckpt> format=torchscript output=model.pt
     python -m arcface_lightning.export ckpt_path=<file.ckpt> output=model.onnx input_dtype=float32 opset=20
 
-The file holds inference.Embedder: the backbone with the preprocessing and the L2 normalisation, in eval mode (batch
+The file holds checkpoints.Embedder: the backbone with the preprocessing and the L2 normalisation, in eval mode (batch
 norm uses its running statistics), without the margin head (it needs the label: no meaning at inference). It takes
 uint8 images (batch, C, H, W), batch dynamic (input_dtype=float32: floats in [0, 1]) and returns float32 unit
-embeddings (batch, D). The preprocessing contract (inference.Contract as JSON: image size, channels, mean/std, class
+embeddings (batch, D). The preprocessing contract (contract.Contract as JSON: image size, channels, mean/std, class
 names, verification thresholds) goes in the ONNX metadata (`arcface_contract`, `arcface_input_dtype`) or the
 TorchScript extra files (`contract.json`, `input_dtype`); inference.load_model reads both. ONNX is written by torch's
 dynamo exporter (the legacy TorchScript-based one only where dynamo fails, said in the log); it needs
 `pip install "arcface-lightning[onnx]"`. TorchScript is torch.jit.trace.
 
-The contract carries the SHA-256 of the backbone's weights (inference.weights_fingerprint, the same as embed records
+The contract carries the SHA-256 of the backbone's weights (checkpoints.weights_fingerprint, the same as embed records
 from the checkpoint), so that search can tell embeddings of this file from those of another model.
 
 The output path is checked before the checkpoint is read (a folder, or a folder that cannot be written, is one line).
@@ -41,22 +41,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from arcface_lightning.checkpoints import Embedder, embedder_from_checkpoint, weights_fingerprint
+from arcface_lightning.checks import ModelError
 from arcface_lightning.config import CONF_DIR, ConfigError, one_line, register_configs
-from arcface_lightning.inference import (
-    CONTRACT_KEY,
-    INPUT_DTYPE_KEY,
-    Contract,
-    Embedder,
-    ModelError,
-    check_output,
-    embedder_from_checkpoint,
-    load_model,
-    reraise_interruption,
-    weights_fingerprint,
-    written_aside,
-)
+from arcface_lightning.contract import CONTRACT_KEY, INPUT_DTYPE_KEY, Contract
+from arcface_lightning.inference import load_model, reraise_interruption
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.runs import run, start
+from arcface_lightning.writing import check_output, written_aside
 
 log = logging.getLogger(__name__)
 SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript")}  # what inference.load_model reads
@@ -133,7 +125,7 @@ def check_export(path: Path, embedder: Embedder, contract: Contract, images: tor
     if written != contract:
         raise ModelError(f"output={output}: the contract read back differs from the checkpoint's")
     with torch.inference_mode():
-        diff = float(np.abs(embed(images) - embedder(images).numpy()).max())
+        diff = float(np.abs(embed(images.numpy()) - embedder(images).numpy()).max())
     if not diff <= MAX_DIFF:
         raise ModelError(f"output={output}: the export differs from the eager model by {diff:.2e} (> {MAX_DIFF})")
     return diff

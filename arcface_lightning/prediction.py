@@ -22,10 +22,12 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from arcface_lightning.config import instantiate_node
+from arcface_lightning.contract import Contract
 from arcface_lightning.data.augment import BatchPreparation
 from arcface_lightning.data.images import ImageFiles, ImageIndex
-from arcface_lightning.inference import Contract, index_inputs, sigterm_raises
+from arcface_lightning.inference import index_inputs
 from arcface_lightning.runs import load_checkpoint
+from arcface_lightning.writing import sigterm_raises
 
 Predicted = tuple[np.ndarray, np.ndarray, list[str], list[str] | None]  # embeddings, labels, sources, classes
 

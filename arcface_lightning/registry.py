@@ -20,8 +20,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
-
 from arcface_lightning.checks import TargetNotAllowed
 
 BACKBONES = frozenset(
@@ -69,6 +67,8 @@ def is_allowed(target: Any, part: str) -> bool:
         return False
     if target in _user_targets or target in ALLOWED_BY_PART.get(part, ()):
         return True
+    if part in ("optimizer", "scheduler"):
+        import torch  # a training config: torch is loaded already
     if part == "optimizer":
         return _torch_class(target, torch.optim, torch.optim.Optimizer)
     if part == "scheduler":

@@ -11,13 +11,13 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from lightning_utilities.core.rank_zero import rank_zero_only  # the object Lightning sets `.rank` on
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,7 +31,6 @@ from arcface_lightning.checks import (
     sigterm_exception,
 )
 from arcface_lightning.config import check_run_keys, named_error, one_line, print_config, root_cause
-from arcface_lightning.inference import read_checkpoint
 from arcface_lightning.registry import allow
 
 if TYPE_CHECKING:
@@ -53,7 +52,7 @@ def global_rank() -> int:
 
 
 def terminations() -> tuple[type[BaseException], ...]:
-    """What a SIGTERM raises: checks.Terminated (inference.sigterm_raises), and Lightning's SIGTERMException (its
+    """What a SIGTERM raises: checks.Terminated (writing.sigterm_raises), and Lightning's SIGTERMException (its
     loops stop at a step boundary) where Lightning is loaded; looked up when caught, so nothing imports it."""
     return (Terminated, sigterm_exception())  # the same class twice where Lightning is not loaded: harmless
 
@@ -64,7 +63,11 @@ def start(cfg: DictConfig) -> None:
     allow(cfg.get("allowed_targets"))
     if cfg.get("extras") and cfg.extras.get("print_config") and global_rank() == 0:
         print_config(cfg)
-    torch.set_float32_matmul_precision(cfg.get("matmul_precision") or "highest")
+    precision = cfg.get("matmul_precision") or "highest"
+    if precision != "highest" or "torch" in sys.modules:  # highest is torch's default: no import just to set it
+        import torch
+
+        torch.set_float32_matmul_precision(precision)
 
 
 def check_ckpt_path(ckpt_path: str | None, output_dir: Path | None = None) -> str | None:
@@ -75,6 +78,8 @@ def check_ckpt_path(ckpt_path: str | None, output_dir: Path | None = None) -> st
         ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
         if not Path(ckpt_path).is_file():
             raise ConfigError(f"ckpt_path=last: no {ckpt_path}; pass hydra.run.dir=<the run dir to resume>")
+    from arcface_lightning.checkpoints import read_checkpoint
+
     try:  # fail now, with one line, rather than after Lightning has set everything up
         read_checkpoint(ckpt_path)
     except ModelError as error:
@@ -199,6 +204,7 @@ def load_checkpoint(cfg: DictConfig, ckpt_path: str) -> tuple[ArcFaceModule, Ima
     """The module and its data module from a checkpoint; `cfg.data` keys that are not null override the data
     module's saved values (where the files are, how they are loaded). evaluate and embed. Imports Lightning, the
     model and the data modules (seconds): only here, where a checkpoint is loaded."""
+    from arcface_lightning.checkpoints import read_checkpoint
     from arcface_lightning.data.datamodule import ImageDataModule
     from arcface_lightning.data.streaming import StreamingDataModule
     from arcface_lightning.module import ArcFaceModule

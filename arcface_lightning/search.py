@@ -37,39 +37,35 @@ from typing import Any
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from arcface_lightning.config import CONF_DIR, ConfigError, register_configs
+from arcface_lightning.contract import Embeddings, read_embeddings
 from arcface_lightning.data import DataError
-from arcface_lightning.inference import (
-    Embeddings,
-    check_output,
-    embed_files,
-    index_inputs,
-    load_model,
-    read_embeddings,
-    written_aside,
-)
+from arcface_lightning.inference import embed_files, index_inputs, load_model
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.runs import run, start
+from arcface_lightning.writing import check_output, written_aside
 
 log = logging.getLogger(__name__)
 
 
-def _select(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best of each row (score, column), best first; equal scores: the lower column first, exactly."""
-    values, columns = scores.topk(min(k + 1, scores.shape[1]), dim=1)
-    if scores.shape[1] > k and not bool((values[:, k - 1] > values[:, k]).all()):  # ties across the k-th place:
-        kth = values[:, k - 1 : k]  # exact, but which of the equal ones topk took is not: take the first ones
-        greater, equal = scores > kth, scores == kth
-        take = greater | (equal & (equal.cumsum(1) <= k - greater.sum(1, keepdim=True)))
-        columns = take.nonzero()[:, 1].view(len(scores), k)  # ascending within each row
+    rows, n = scores.shape
+    if k < n:
+        kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]  # each row's k-th best score
+        take = scores >= kth
+        if (take.sum(1) > k).any():  # ties across the k-th place: of the equal ones, the first columns
+            greater = scores > kth
+            equal = take & ~greater
+            take = greater | (equal & (equal.cumsum(1) <= k - greater.sum(1, keepdims=True)))
+        columns = np.nonzero(take)[1].reshape(rows, k)  # ascending within each row
     else:
-        columns = columns[:, :k].sort(dim=1).values
-    values = scores.gather(1, columns)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    return values.gather(1, order), columns.gather(1, order)
+        columns = np.broadcast_to(np.arange(n), (rows, n))
+    values = np.take_along_axis(scores, columns, 1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    return np.take_along_axis(values, order, 1), np.take_along_axis(columns, order, 1)
 
 
 def top_k(
@@ -77,12 +73,13 @@ def top_k(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-k of unit rows: (scores float32 (Q, k), gallery indices int64 (Q, k)), best first, equal
     scores in gallery order. Chunked over queries and gallery with a running merge: memory chunk_size² + Q·k, never
-    Q·G. k is clamped to the gallery size. `exclude_self`: the queries are the gallery (row i never finds item i)."""
-    q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
-    g = torch.as_tensor(np.asarray(gallery, dtype=np.float32))
+    Q·G. k is clamped to the gallery size. `exclude_self`: the queries are the gallery (row i never finds item i).
+    NumPy (its BLAS for the products): no torch to import for a search of embeddings files."""
+    q = np.asarray(queries, dtype=np.float32)
+    g = np.asarray(gallery, dtype=np.float32)
     if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
-        raise ValueError(f"queries {tuple(q.shape)} and gallery {tuple(g.shape)} are not (N, D) of one size D")
-    if not (torch.isfinite(q).all() and torch.isfinite(g).all()):
+        raise ValueError(f"queries {q.shape} and gallery {g.shape} are not (N, D) of one size D")
+    if not (np.isfinite(q).all() and np.isfinite(g).all()):
         raise ValueError("the embeddings hold NaN or infinite values")
     k = min(k, len(g) - int(exclude_self))
     if k < 1 or chunk_size < 1:
@@ -90,17 +87,18 @@ def top_k(
     scores, indices = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
     for qs in range(0, len(q), chunk_size):
         block = q[qs : qs + chunk_size]
-        best_s, best_i = torch.empty(len(block), 0), torch.empty(len(block), 0, dtype=torch.long)
+        best_s, best_i = np.empty((len(block), 0), np.float32), np.empty((len(block), 0), np.int64)
         for gs in range(0, len(g), chunk_size):
             similarity = block @ g[gs : gs + chunk_size].T
             if exclude_self:  # query qs + r is gallery item gs + c where c - r = qs - gs
-                similarity.diagonal(qs - gs).fill_(-torch.inf)
-            s, i = _select(similarity, min(k, similarity.shape[1]))
+                r = np.arange(max(0, gs - qs), min(len(block), gs - qs + similarity.shape[1]))
+                similarity[r, r + qs - gs] = -np.inf
+            s, i = select(similarity, min(k, similarity.shape[1]))
             # earlier chunks' indices are all lower: a stable sort of [best, new] keeps equal scores in gallery order
-            merged_s, merged_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + gs], 1)
-            order = torch.sort(merged_s, dim=1, descending=True, stable=True).indices[:, :k]
-            best_s, best_i = merged_s.gather(1, order), merged_i.gather(1, order)
-        scores[qs : qs + len(block)], indices[qs : qs + len(block)] = best_s.numpy(), best_i.numpy()
+            merged_s, merged_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i + gs], 1)
+            order = np.argsort(-merged_s, axis=1, kind="stable")[:, :k]
+            best_s, best_i = np.take_along_axis(merged_s, order, 1), np.take_along_axis(merged_i, order, 1)
+        scores[qs : qs + len(block)], indices[qs : qs + len(block)] = best_s, best_i
     return scores, indices
 
 

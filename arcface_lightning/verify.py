@@ -26,13 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from arcface_lightning.checks import ModelError
 from arcface_lightning.config import CONF_DIR, ConfigError, register_configs
-from arcface_lightning.data.images import read_image
-from arcface_lightning.inference import ModelError, far_key, load_model
+from arcface_lightning.contract import far_key
+from arcface_lightning.data.files import read_image
+from arcface_lightning.inference import load_model
 from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.runs import run, start
 
@@ -99,7 +101,7 @@ def verify(cfg: DictConfig) -> dict[str, Any]:
         source = "threshold (given)"
     images = [read_image(str(cfg[key]), contract.in_channels, contract.image_size) for key in ("a", "b")]
     small = [key for key in ("a", "b") if warn_if_small(key, str(cfg[key]), contract.image_size)]
-    x = embed(torch.stack(images))
+    x = embed(np.stack(images))
     score = float((x[0] * x[1]).sum())
     same = score >= threshold
     print(f"score {score:.4f}  {source} {threshold:.4f}  {'same' if same else 'different'}")

@@ -2,7 +2,7 @@
 
     python benchmarks/export_parity.py            # every conf/backbone/*.yaml at its configured size
 
-Each backbone (random weights, running statistics moved off their defaults) is wrapped in inference.Embedder,
+Each backbone (random weights, running statistics moved off their defaults) is wrapped in checkpoints.Embedder,
 exported with export.export_model at batch 2, read back with inference.load_model (ONNX Runtime, torch.jit.load)
 and compared with the eager model on 64 random uint8 images: the max absolute difference of the unit embeddings.
 """
@@ -16,9 +16,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from arcface_lightning.checkpoints import Embedder
 from arcface_lightning.config import register_configs
+from arcface_lightning.contract import Contract
 from arcface_lightning.export import export_model
-from arcface_lightning.inference import Contract, Embedder, load_model
+from arcface_lightning.inference import load_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 SIZES = {"resnet18": (3, 32)}  # (channels, image size): the CIFAR stem's data; the CNNs take MNIST's 1×28×28
@@ -53,7 +55,7 @@ def main() -> None:
                 out = Path(tmp) / f"model{suffix}"
                 export_model(embedder, contract, fmt, out)
                 embed, _ = load_model(out)
-                print(f"| {path.stem} | {fmt} | {abs(embed(images) - eager).max():.2e} |")
+                print(f"| {path.stem} | {fmt} | {abs(embed(images.numpy()) - eager).max():.2e} |")
 
 
 if __name__ == "__main__":

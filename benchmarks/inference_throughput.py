@@ -31,8 +31,10 @@ import torch
 from common import machine
 
 from arcface_lightning.backbones import SimpleCNN
+from arcface_lightning.checkpoints import Embedder, embedder_from_checkpoint
+from arcface_lightning.contract import Contract
 from arcface_lightning.export import export_model
-from arcface_lightning.inference import Contract, Embedder, embedder_from_checkpoint, load_model
+from arcface_lightning.inference import load_model
 
 Runner = Callable[[np.ndarray], object]
 EAGER = "eager PyTorch (inference_mode)"
@@ -79,7 +81,7 @@ def runners(embedder: Embedder, contract: Contract, folder: Path, threads: list[
         models["ONNX Runtime (ORT_ENABLE_ALL)", t] = onnx_session(onnx, t)
     models["ONNX Runtime (ORT_ENABLE_BASIC)", threads[0]] = onnx_session(onnx, threads[0], basic=True)
     via_load_model = load_model(onnx, threads=threads[0])[0]
-    models["ONNX Runtime via inference.load_model", threads[0]] = lambda batch: via_load_model(torch.from_numpy(batch))
+    models["ONNX Runtime via inference.load_model", threads[0]] = via_load_model
     return models
 
 

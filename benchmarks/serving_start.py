@@ -4,10 +4,10 @@
     PYTHONPATH=<another checkout> python benchmarks/serving_start.py   # that one's package (e.g. before a change)
 
 Cases, each `--runs` times (default 3) after one untimed warm-up run, median and min–max of the wall clock:
-  (a) search: 1,000 query rows against a 10,000-row gallery, both .npz of inference.save_embeddings (random unit
+  (a) search: 1,000 query rows against a 10,000-row gallery, both .npz of contract.save_embeddings (random unit
       rows, D=128, one contract with one weights_sha256), k=5, output=hits.csv;
   (b) verify of two PNGs (real MNIST digits from ARCFACE_DATA_DIR or --data-dir where present, else synthetic) with an
-      .onnx model;
+      .onnx model; (b') the same with two 1600×1200 RGB PNGs of those digits (converted and resized to 28×28);
   (c) embed of 100 PNGs with that .onnx (a version whose embed refuses exports: shown as refused);
   (d) verify with the .ckpt the .onnx was exported from, and (e) embed of the 100 PNGs with it: for contrast (a .ckpt
       loads Lightning).
@@ -97,7 +97,7 @@ def digits(data_dir: str | None, n: int) -> tuple[np.ndarray, str]:
 
 def make_inputs(work: Path, data_dir: str | None) -> dict[str, str]:
     """The checkpoint and its .onnx (through the command line), the PNGs, and the two embeddings files."""
-    from arcface_lightning.inference import Contract, save_embeddings
+    from arcface_lightning.contract import Contract, save_embeddings
 
     raw = work / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -115,6 +115,8 @@ def make_inputs(work: Path, data_dir: str | None) -> dict[str, str]:
     folder.mkdir()
     for i, image in enumerate(images):
         Image.fromarray(image).save(folder / f"{i:03d}.png")
+    for i in range(2):  # photo-sized: decoded as RGB, reduced to luma and resized 1200 → 28 on the shorter side
+        Image.fromarray(images[i]).convert("RGB").resize((1600, 1200), Image.BICUBIC).save(work / f"photo{i}.png")
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(11_000, 128))
     rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
@@ -125,7 +127,8 @@ def make_inputs(work: Path, data_dir: str | None) -> dict[str, str]:
         sources = [f"{name}:{i}" for i in range(len(part))]
         files[name] = str(save_embeddings(work / f"{name}.npz", part, labels, sources, contract, "random"))
     return {"ckpt": ckpt, "onnx": str(onnx), "pngs": str(folder), "a": str(folder / "000.png"),
-            "b": str(folder / "001.png"), "images": source, **files}  # fmt: skip
+            "b": str(folder / "001.png"), "photos": [str(work / f"photo{i}.png") for i in range(2)], "images": source,
+            **files}  # fmt: skip
 
 
 def cases(inputs: dict[str, str], work: Path) -> dict[str, tuple[str, list[str]]]:
@@ -137,6 +140,10 @@ def cases(inputs: dict[str, str], work: Path) -> dict[str, tuple[str, list[str]]
             [f"gallery={inputs['gallery']}", f"query={inputs['query']}", "k=5", f"output={work / 'hits.csv'}"],
         ),
         "(b) verify 2 PNGs, .onnx": ("verify", [f"ckpt_path={inputs['onnx']}", *pair]),
+        "(b') verify 2 RGB PNGs of 1600×1200, .onnx": (
+            "verify",
+            [f"ckpt_path={inputs['onnx']}", f"a={inputs['photos'][0]}", f"b={inputs['photos'][1]}", "threshold=0.5"],
+        ),
         "(c) embed 100 PNGs, .onnx": ("embed", [f"ckpt_path={inputs['onnx']}", pngs, f"output={work / 'e1.npz'}"]),
         "(d) verify 2 PNGs, .ckpt": ("verify", [f"ckpt_path={inputs['ckpt']}", *pair]),
         "(e) embed 100 PNGs, .ckpt": (

@@ -19,16 +19,16 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from arcface_lightning.export import export, export_model
-from arcface_lightning.inference import (
-    Contract,
+from arcface_lightning.checkpoints import (
     Embedder,
-    ModelError,
     contract_from_checkpoint,
     embedder_from_checkpoint,
-    load_model,
     weights_fingerprint,
 )
+from arcface_lightning.checks import ModelError
+from arcface_lightning.contract import Contract
+from arcface_lightning.export import export, export_model
+from arcface_lightning.inference import load_model
 from arcface_lightning.runs import run
 from conftest import CONF, cli, compose_config
 
@@ -84,11 +84,13 @@ def test_export_matches_eager_at_any_batch_with_its_contract(backbone: str, form
     assert read_back == replace(contract, weights_sha256=fingerprint) and written["weights_sha256"] == fingerprint
     batch = images(contract, 5)
     for part in (batch[:1], batch):  # batch 1 and 5: the batch dimension is dynamic
-        out, expected = embed(part), eager(embedder, part)
+        out, expected = embed(part.numpy()), eager(embedder, part)
         assert out.dtype == np.float32 and out.shape == (len(part), 16)
         assert np.abs(out - expected).max() <= 1e-4
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
-    assert np.abs(embed(batch[:1])[0] - embed(batch)[0]).max() <= 1e-5  # eval-mode batch norm: rows independent
+    assert (
+        np.abs(embed(batch[:1].numpy())[0] - embed(batch.numpy())[0]).max() <= 1e-5
+    )  # eval-mode batch norm: rows independent
 
 
 @pytest.mark.parametrize("format", FORMATS)
@@ -110,7 +112,7 @@ def test_float32_input_takes_floats_in_0_1(format: str, tmp_path: Path) -> None:
         assert extra["input_dtype"] == b"float32"  # torch.jit.load fills in bytes
     assert np.abs(out - eager(embedder, batch)).max() <= 1e-4
     assert embedder.uint8_input  # the caller's module is left as it was given
-    assert np.abs(load_model(path)[0](batch) - out).max() <= 1e-6  # load_model feeds it uint8 / 255
+    assert np.abs(load_model(path)[0](batch.numpy()) - out).max() <= 1e-6  # load_model feeds it uint8 / 255
 
 
 def test_a_failed_check_leaves_nothing_and_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:
@@ -181,7 +183,7 @@ def test_export_of_a_checkpoint_in_process_and_through_the_cli(trained, tmp_path
     assert contract.weights_sha256 is not None and record["weights_sha256"] == contract.weights_sha256
     embed, read_back = load_model(tmp_path / "m.pt")
     assert read_back == contract
-    assert np.abs(embed(batch) - eager(embedder, batch)).max() <= 1e-4
+    assert np.abs(embed(batch.numpy()) - eager(embedder, batch)).max() <= 1e-4
 
     result = cli("export", f"ckpt_path={ckpt}", f"output={tmp_path / 'm.onnx'}", f"hydra.run.dir={tmp_path / 'cli'}")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -190,6 +192,6 @@ def test_export_of_a_checkpoint_in_process_and_through_the_cli(trained, tmp_path
     assert written["status"] == "ok" and written["exporter"] == "dynamo" and written["max_abs_diff"] <= 1e-4
     embed, read_back = load_model(tmp_path / "m.onnx")
     assert read_back == contract
-    assert np.abs(embed(batch) - eager(embedder, batch)).max() <= 1e-4
+    assert np.abs(embed(batch.numpy()) - eager(embedder, batch)).max() <= 1e-4
 
     assert sorted(p.name for p in tmp_path.glob("*.*")) == ["m.onnx", "m.pt"]

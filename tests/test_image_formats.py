@@ -21,13 +21,19 @@ from PIL import Image
 from test_images import digits
 
 from arcface_lightning.checks import first_line
-from arcface_lightning.data import DataError, ImageDataModule
-from arcface_lightning.data.images import ImageFiles, read_image, scan_folder
+from arcface_lightning.data import DataError, ImageDataModule, files
+from arcface_lightning.data.files import scan_folder
+from arcface_lightning.data.images import ImageFiles
 from arcface_lightning.data.streaming import StreamingDataModule
 from arcface_lightning.pack import pack
 from arcface_lightning.runs import run
 from arcface_lightning.train import train
 from conftest import tiny_config
+
+
+def read_image(path: str, in_channels: int, image_size: int) -> torch.Tensor:
+    """files.read_image (a NumPy uint8 array) as the tensor the datasets serve."""
+    return torch.from_numpy(files.read_image(path, in_channels, image_size))
 
 
 def coloured(gray: np.ndarray) -> np.ndarray:

@@ -18,8 +18,9 @@ from torchvision.io import encode_png, write_png
 from torchvision.transforms.v2 import functional as TF
 
 from arcface_lightning.checks import first_line
-from arcface_lightning.data import DataError, ImageDataModule
-from arcface_lightning.data.images import ImageFiles, read_image, read_list, scan_folder
+from arcface_lightning.data import DataError, ImageDataModule, files
+from arcface_lightning.data.files import read_list, scan_folder
+from arcface_lightning.data.images import ImageFiles
 from arcface_lightning.evaluate import evaluate
 from arcface_lightning.runs import run
 from arcface_lightning.train import train
@@ -27,6 +28,11 @@ from conftest import class_images, compose_config, tiny_config, write_mnist
 
 DATA_DIR = os.environ.get("ARCFACE_DATA_DIR", "")
 PER_CLASS = 30
+
+
+def read_image(path: str, in_channels: int, image_size: int) -> torch.Tensor:
+    """files.read_image (a NumPy uint8 array) as the tensor the datasets serve."""
+    return torch.from_numpy(files.read_image(path, in_channels, image_size))
 
 
 def digits(n_per_class: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,9 @@
-"""The serving commands start without Lightning: `search` over embeddings files and `embed`/`search`/`verify` with an
-ONNX model import neither Lightning, timm, LitData nor torchvision (checked in a fresh interpreter running the real
-command), while a .ckpt still brings Lightning in. And what makes that possible, each against its oracle: the
-Trainer flags read from Lightning's source (config.trainer_flags), the resize and centre-crop done with torch's own
-ops (data/images.fit), embed with an export (the .ckpt's embeddings), a SIGTERM caught without Lightning loaded."""
+"""The serving commands start without torch: `search` over embeddings files and `embed`/`search`/`verify` with an
+ONNX model and PNG images import neither torch, Lightning, timm, LitData nor torchvision (checked in a fresh
+interpreter running the real command), while a .ckpt still brings Lightning in. And what makes that possible, each
+against its oracle: the Trainer flags read from Lightning's source (config.trainer_flags), the resize and centre-crop
+in NumPy (data/files.fit: torchvision's uint8 result), embed with an export (the .ckpt's embeddings), a SIGTERM
+caught without Lightning loaded."""
 
 from __future__ import annotations
 
@@ -23,24 +24,21 @@ from omegaconf import open_dict
 from test_images import digits, write_folder
 from torchvision.transforms.v2 import functional as TF
 
+from arcface_lightning.checkpoints import embedder_from_checkpoint
 from arcface_lightning.checks import Terminated
 from arcface_lightning.config import trainer_flags
-from arcface_lightning.data.images import fit
+from arcface_lightning.contract import read_embeddings, save_embeddings
+from arcface_lightning.data.files import fit
 from arcface_lightning.embed import embed
 from arcface_lightning.export import export_model
-from arcface_lightning.inference import (
-    embedder_from_checkpoint,
-    load_model,
-    read_embeddings,
-    save_embeddings,
-    written_aside,
-)
+from arcface_lightning.inference import load_model
 from arcface_lightning.runs import run
+from arcface_lightning.writing import written_aside
 from conftest import ROOT, compose_config
 
 # never imported by a command that reads embeddings files or an ONNX model and PNG images (any torchvision submodule
 # runs torchvision/__init__, which imports torchvision.models)
-HEAVY = ("lightning", "pytorch_lightning", "timm", "litdata", "torchvision", "torchvision.models")
+HEAVY = ("torch", "lightning", "pytorch_lightning", "timm", "litdata", "torchvision", "torchvision.models")
 
 # runs in a fresh interpreter: the command as `python -m arcface_lightning.<command>` runs it, or only its import;
 # writes which HEAVY modules were loaded, and how it exited, to the JSON file named by its third argument
@@ -186,19 +184,37 @@ def test_trainer_flags_read_from_lightnings_source_are_its_signatures() -> None:
 SHAPES = [(28, 28), (27, 31), (31, 27), (1, 1), (1, 64), (64, 1), (5, 200), (113, 50), (200, 201), (224, 224)]
 
 
-@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])  # torchvision's uint8 path, and its float32 one
+def images_to_fit(channels: int, size: int) -> list[torch.Tensor]:
+    """Random uint8 images of every SHAPE, contiguous and channels-last (what decode_image returns for a JPEG)."""
+    g = torch.Generator().manual_seed(size * channels)
+    images = [torch.randint(0, 256, (channels, h, w), dtype=torch.uint8, generator=g) for h, w in SHAPES]
+    images.append(torch.randint(0, 256, (channels, 1500, 2000), dtype=torch.uint8, generator=g))  # 13× down
+    return [layout for image in images for layout in (image, image.permute(1, 2, 0).contiguous().permute(2, 0, 1))]
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="ATen's uint8 kernel")
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("size", [28, 32, 112])
-def test_fit_is_torchvisions_resize_and_centre_crop_exactly(capability, channels, size, monkeypatch) -> None:
-    """Portrait, landscape, odd sides, up- and down-scaling, 1 and 3 channels, contiguous and channels-last (what
-    decode_image returns for a JPEG): pixel for pixel torchvision's resize (bilinear, antialiased) + center_crop."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    g = torch.Generator().manual_seed(size * channels)
-    for height, width in SHAPES:
-        image = torch.randint(0, 256, (channels, height, width), dtype=torch.uint8, generator=g)
-        for layout in (image, image.permute(1, 2, 0).contiguous().permute(2, 0, 1)):
-            expected = TF.center_crop(TF.resize(layout, size, antialias=True), [size, size])
-            assert torch.equal(fit(layout, size), expected), (height, width, layout.is_contiguous())
+def test_fit_is_torchvisions_resize_and_centre_crop_exactly(channels: int, size: int) -> None:
+    """Portrait, landscape, odd sides, up- and down-scaling, 1 and 3 channels, contiguous and channels-last: pixel
+    for pixel torchvision's resize (bilinear, antialiased, its uint8 kernel on this x86 CPU) + center_crop."""
+    for image in images_to_fit(channels, size):
+        expected = TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+        assert np.array_equal(fit(image.numpy(), size), expected.numpy()), (image.shape, image.is_contiguous())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fit_is_within_one_grey_level_of_torchvisions_float_path(channels: int, monkeypatch) -> None:
+    """Where ATen has no uint8 kernel, torchvision resizes through float32 and rounds: fit keeps the uint8 kernel's
+    pixels on every CPU, which differ from those by at most one grey level."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # what torchvision asks
+    differ = 0
+    for image in images_to_fit(channels, 32):
+        expected = TF.center_crop(TF.resize(image, 32, antialias=True), [32, 32]).numpy().astype(int)
+        difference = np.abs(fit(image.numpy(), 32).astype(int) - expected)
+        assert difference.max() <= 1, image.shape
+        differ += int((difference > 0).sum())
+    assert differ > 0  # the float path is really another one here: the test can tell the two apart
 
 
 def test_sigterm_without_lightning_loaded_is_recorded_as_interrupted(tmp_path: Path, monkeypatch) -> None:

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from arcface_lightning import registry
+from arcface_lightning.checks import ModelError
 from arcface_lightning.evaluate import evaluate
-from arcface_lightning.inference import ModelError, load_model
+from arcface_lightning.inference import load_model
 from arcface_lightning.module import ArcFaceModule
 from arcface_lightning.registry import TargetNotAllowed, allow, check_part, is_allowed
 from arcface_lightning.runs import load_checkpoint, run

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from arcface_lightning.data.datasets import DataError
-from arcface_lightning.data.images import ImageIndex
+from arcface_lightning.data.files import ImageIndex
 
 FOLDS = 10
 TRUE, FALSE = {"1", "true", "same", "yes"}, {"0", "false", "different", "no"}

@@ -17,7 +17,7 @@ no exact mid-epoch resume, and leave rank sharding and epoch sizes to the user.
   left out every epoch: pack small sets with a smaller --chunk-bytes). `pack` shuffles the samples before writing,
   so that a chunk mixes classes.
 - Validation and test: the same files read by index (`PackedImages`), through the loaders every other source uses.
-- Decoding (data/images.decode: any format to `in_channels`) runs in the loader's workers; batches are uint8 and
+- Decoding (data/files.decode: any format to `in_channels`) runs in the loader's workers; batches are uint8 and
   are normalised and augmented on the device as for every source (datamodule.py). `pack` decoded every image once,
   so a packed set holds only images that decode.
 """
@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from arcface_lightning.checks import first_line
 from arcface_lightning.data.datamodule import ImageDataModule
 from arcface_lightning.data.datasets import DataError
-from arcface_lightning.data.images import decode
+from arcface_lightning.data.files import decode
 
 # LitData asks PyPI for a newer release of itself whenever a dataset is built (30 s timeout): not on clusters
 # without network, nor in every loader worker. Read when litdata is first imported, which happens below, lazily.
@@ -104,8 +104,8 @@ class Decode:
         self.in_channels, self.image_size = in_channels, image_size
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        data = torch.frombuffer(bytearray(sample["image"]), dtype=torch.uint8)
-        return decode(data, self.in_channels, self.image_size, f"packed sample of label {sample['label']}"), int(
+        name = f"packed sample of label {sample['label']}"
+        return torch.from_numpy(decode(bytes(sample["image"]), self.in_channels, self.image_size, name)), int(
             sample["label"]
         )
 
