@@ -12,8 +12,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
+from arcface_lightning.checkpoints import contract_entry
 from arcface_lightning.checks import check_int
-from arcface_lightning.contract import THRESHOLDS_KEY, far_key
+from arcface_lightning.contract import CONTRACT_KEY, far_key
 from arcface_lightning.data.images import ImageFiles
 from arcface_lightning.data.pairs import PairList, read_pairs
 from arcface_lightning.figures import angle_figure, class_angles, sphere_figure
@@ -180,7 +181,7 @@ class PairVerification(L.Callback):
 
 class VerificationThresholds(L.Callback):
     """Cosine thresholds for `verify`, chosen on the validation images at each validation epoch and saved in every
-    checkpoint written after it (under `verification_thresholds`), so the best checkpoint carries the thresholds of
+    checkpoint written after it (in its contract, `arcface_contract`), so the best checkpoint carries the thresholds of
     its own epoch: `far=1e-3` (accepts at most 0.1% of different-identity pairs), one per entry of `fars`, and
     `best_accuracy` (the highest pair accuracy). Pairs: all pairs of validation embeddings, or a seeded balanced
     sample of `max_pairs` (metrics.sample_pairs); a FAR needs at least 1/FAR different-class pairs, else it is left
@@ -220,4 +221,18 @@ class VerificationThresholds(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self.thresholds:
-            checkpoint[THRESHOLDS_KEY] = dict(self.thresholds)
+            checkpoint.setdefault(CONTRACT_KEY, {})["thresholds"] = dict(self.thresholds)
+
+
+class ContractInCheckpoint(L.Callback):
+    """Writes the preprocessing contract into every checkpoint, under `arcface_contract` (checkpoints.py reads it):
+    the data module's image size, channels and normalisation, the embedding size, the class names and a format
+    version (VerificationThresholds adds the thresholds to the same entry). train.py adds it to every training."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        datamodule = trainer.datamodule
+        embedding_size = getattr(pl_module.backbone, "embedding_size", None)
+        if datamodule is None or embedding_size is None:  # a loop of the user's own, a backbone without the size
+            return
+        entry = contract_entry(datamodule.hparams, embedding_size, getattr(datamodule, "classes", None))
+        checkpoint.setdefault(CONTRACT_KEY, {}).update(entry)

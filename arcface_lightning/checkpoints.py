@@ -1,21 +1,52 @@
-"""Checkpoints of training as data: opened (memory-mapped, `weights_only=True`), their contract read, the backbone's
-weights fingerprinted, and the backbone rebuilt as the embedding model (Embedder) that export writes and the
-serving commands run. Opening a checkpoint never runs code from it.
+"""Checkpoints of training: the one module that opens them. A checkpoint is opened once per command (`Checkpoint`:
+memory-mapped, `torch.load(weights_only=True)`, so no code in it runs and its tensors are read only where used), and
+everything else is taken from that one dict: the preprocessing contract, the model rebuilt (only from the classes
+registry.py allows: the file's settings are data), the data module, the embedding model (`Embedder`) that export
+writes and the serving commands run.
+
+The contract is written at training time under one key, `arcface_contract` (callbacks.ContractInCheckpoint and
+callbacks.VerificationThresholds): image size, channels, normalisation, embedding size, class names, thresholds and
+a format version. Checkpoints written before that key existed are read by `contract_of_old_checkpoint`, which
+derives the contract the old way.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from arcface_lightning.checks import ModelError, first_line
-from arcface_lightning.contract import EXPORT_SUFFIXES, THRESHOLDS_KEY, Contract
+from arcface_lightning.contract import CONTRACT_KEY, EXPORT_SUFFIXES, THRESHOLDS_KEY, Contract
 from arcface_lightning.heads import normalize
+
+if TYPE_CHECKING:
+    from lightning import LightningDataModule
+
+    from arcface_lightning.module import ArcFaceModule
+
+CONTRACT_FORMAT = 1  # the version of the dict under CONTRACT_KEY in a checkpoint
+PREPROCESSING = ("image_size", "in_channels", "normalize", "mean", "std")  # of the data module's settings
+
+
+def contract_entry(data_settings: Mapping[str, Any], embedding_size: int, classes: list[str] | None) -> dict[str, Any]:
+    """What training writes under CONTRACT_KEY (thresholds are added by VerificationThresholds): plain data."""
+    entry = {key: data_settings.get(key) for key in PREPROCESSING}
+    mean, std = entry["mean"], entry["std"]
+    entry.update(
+        mean=[float(v) for v in mean] if mean is not None else None,
+        std=[float(v) for v in std] if std is not None else None,
+        embedding_size=int(embedding_size),
+        classes=list(classes) if classes is not None else None,
+        format=CONTRACT_FORMAT,
+    )
+    return entry
 
 
 def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
@@ -31,28 +62,51 @@ def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def contract_from_checkpoint(checkpoint: dict[str, Any]) -> Contract:
-    """The contract of a Lightning checkpoint of this project (a torch.load'ed dict)."""
+def contract_of_checkpoint(checkpoint: Mapping[str, Any]) -> Contract:
+    """The contract of a loaded checkpoint dict: its CONTRACT_KEY entry, or, in a checkpoint written before it,
+    the one contract_of_old_checkpoint derives. The weights' fingerprint is computed from the file's backbone."""
+    entry = checkpoint.get(CONTRACT_KEY)
+    if entry is None:
+        return contract_of_old_checkpoint(checkpoint)
+    if not isinstance(entry, Mapping) or entry.get("format") != CONTRACT_FORMAT:
+        found = entry.get("format") if isinstance(entry, Mapping) else type(entry).__name__
+        raise ModelError(f"its {CONTRACT_KEY} has format {found}; this version reads format {CONTRACT_FORMAT}")
+    fields = {key: entry.get(key) for key in (*PREPROCESSING, "embedding_size", "classes")}
+    if any(fields[key] is None for key in ("image_size", "in_channels", "normalize", "embedding_size")):
+        raise ModelError(f"its {CONTRACT_KEY} lacks the image size, channels or embedding size")
+    thresholds = dict(entry.get("thresholds") or {})
+    return Contract(**fields, thresholds=thresholds, weights_sha256=backbone_fingerprint(checkpoint))
+
+
+def contract_of_old_checkpoint(checkpoint: Mapping[str, Any]) -> Contract:
+    """Compatibility: the contract of a checkpoint written before CONTRACT_KEY existed, derived from the data
+    module's hyper-parameters, the backbone's `embedding_size`, the class names in the data module's state (saved by
+    Lightning under the class's name, which ends in "DataModule") and the thresholds under `verification_thresholds`."""
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     model = checkpoint.get("hyper_parameters") or {}
     backbone = model.get("backbone") or {}
     if "image_size" not in data or "embedding_size" not in backbone:
         raise ModelError("the checkpoint has no data or backbone settings: not a checkpoint of arcface-lightning")
     classes = next((s["classes"] for k, s in checkpoint.items() if k.endswith("DataModule") and "classes" in s), None)
-    mean, std = data.get("mean"), data.get("std")
-    state = checkpoint.get("state_dict") or {}
-    weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    entry = contract_entry(data, backbone["embedding_size"], classes)
     return Contract(
-        image_size=int(data["image_size"]),
+        image_size=int(entry["image_size"]),
         in_channels=int(data.get("in_channels", 1)),
         normalize=bool(data.get("normalize", True)),
-        mean=[float(v) for v in mean] if mean is not None else None,
-        std=[float(v) for v in std] if std is not None else None,
-        embedding_size=int(backbone["embedding_size"]),
-        classes=list(classes) if classes is not None else None,
+        mean=entry["mean"],
+        std=entry["std"],
+        embedding_size=entry["embedding_size"],
+        classes=entry["classes"],
         thresholds=dict(checkpoint.get(THRESHOLDS_KEY) or {}),
-        weights_sha256=weights_fingerprint(weights) if weights else None,
+        weights_sha256=backbone_fingerprint(checkpoint),
     )
+
+
+def backbone_fingerprint(checkpoint: Mapping[str, Any]) -> str | None:
+    """weights_fingerprint of a checkpoint's `backbone.*` entries (None where it has none)."""
+    state = checkpoint.get("state_dict") or {}
+    weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    return weights_fingerprint(weights) if weights else None
 
 
 class Embedder(nn.Module):
@@ -98,22 +152,72 @@ def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
     return checkpoint
 
 
+class Checkpoint:
+    """A training checkpoint, opened once (read_checkpoint); its contract, model, data module and embedding model
+    all come from that one dict. Errors name `key` (the command's argument) and the file."""
+
+    def __init__(self, path: str | Path, key: str = "ckpt_path") -> None:
+        self.path, self.key = Path(path), key
+        self.data = read_checkpoint(path, key)
+
+    @functools.cached_property
+    def contract(self) -> Contract:
+        try:
+            return contract_of_checkpoint(self.data)
+        except ModelError as error:
+            raise ModelError(f"{self.key}={self.path}: {error}") from None
+
+    @property
+    def data_settings(self) -> dict[str, Any]:
+        return dict(self.data.get("datamodule_hyper_parameters") or {})
+
+    def module(self) -> ArcFaceModule:
+        """The LightningModule, on the CPU, as `ArcFaceModule.load_from_checkpoint` builds it (settings → init,
+        only the arguments it takes; on_load_checkpoint; the weights, strictly) but from the dict already read:
+        Lightning's method would open the file again."""
+        from arcface_lightning.module import ArcFaceModule  # Lightning: only where a checkpoint's model is built
+
+        try:
+            module = build_from_settings(ArcFaceModule, self.data.get("hyper_parameters") or {})
+            module.on_load_checkpoint(self.data)
+            module.load_state_dict(self.data["state_dict"])
+        except Exception as error:  # settings this version cannot build, or weights that do not fit them
+            raise ModelError(f"{self.key}={self.path} could not be loaded: {first_line(error)}") from error
+        return module
+
+    def data_module(self, **given: Any) -> LightningDataModule:
+        """The data module of the checkpoint's settings, `given` (not null) overriding them (where the files are,
+        how they are loaded), with its saved state (class names) restored."""
+        from arcface_lightning.data.datamodule import ImageDataModule
+        from arcface_lightning.data.streaming import StreamingDataModule
+
+        data_class = StreamingDataModule if self.data_settings.get("dataset") == "streaming" else ImageDataModule
+        datamodule = build_from_settings(data_class, {**self.data_settings, **given})
+        state = self.data.get(data_class.__qualname__)  # Lightning saves a data module's state under its class name
+        if state is not None:
+            datamodule.load_state_dict(state)
+        return datamodule
+
+    def embedder(self) -> Embedder:
+        """The eager embedding model (backbone, preprocessing, L2 normalisation), in eval mode on the CPU."""
+        return Embedder(self.module().backbone, self.contract).eval()
+
+
+def build_from_settings(cls: type, settings: Mapping[str, Any]) -> Any:
+    """cls(**settings) with only the arguments its __init__ takes, as Lightning's load_from_checkpoint does: a
+    setting an older version saved and this one dropped does not stop its checkpoints from loading."""
+    parameters = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return cls(**settings)
+    return cls(**{k: v for k, v in settings.items() if k in parameters})
+
+
 def checkpoint_contract(path: str | Path, key: str = "ckpt_path") -> Contract:
-    """The contract of a checkpoint file (read_checkpoint, then contract_from_checkpoint), its errors naming `key`."""
-    checkpoint = read_checkpoint(path, key)
-    try:
-        return contract_from_checkpoint(checkpoint)
-    except ModelError as error:
-        raise ModelError(f"{key}={path}: {error}") from None
+    """The contract of a checkpoint file, its errors naming `key`."""
+    return Checkpoint(path, key).contract
 
 
 def embedder_from_checkpoint(path: str | Path, key: str = "ckpt_path") -> tuple[Embedder, Contract]:
-    """The eager embedding model of a checkpoint, in eval mode on the CPU."""
-    from arcface_lightning.module import ArcFaceModule  # Lightning: only where a checkpoint is read
-
-    contract = checkpoint_contract(path, key)
-    try:
-        module = ArcFaceModule.load_from_checkpoint(str(path), map_location="cpu")
-    except Exception as error:  # settings this version cannot build, or weights that do not fit them
-        raise ModelError(f"{key}={path} could not be loaded: {first_line(error)}") from error
-    return Embedder(module.backbone, contract).eval(), contract
+    """The eager embedding model of a checkpoint file and its contract (one read of the file)."""
+    checkpoint = Checkpoint(path, key)
+    return checkpoint.embedder(), checkpoint.contract

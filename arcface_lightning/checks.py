@@ -7,7 +7,7 @@ name the config key instead (`head.s=-1 ...`, see config.py).
 
 The user errors (`USER_ERRORS`: runs.run prints their first line, no traceback) live here so that a command catches
 them without importing the modules that raise them (Lightning, torchvision); each is also importable from the module
-it belongs to (`ConfigError` from config.py, `DataError` from data/, `ModelError` from inference.py, `DivergedError`
+it belongs to (`ConfigError` from config.py, `DataError` from data/, `ModelError` from checkpoints.py and inference.py, `DivergedError`
 from module.py, `TargetNotAllowed` from registry.py).
 """
 

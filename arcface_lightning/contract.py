@@ -25,9 +25,9 @@ from arcface_lightning.checks import ModelError, first_line
 from arcface_lightning.writing import written_aside
 
 log = logging.getLogger(__name__)
-CONTRACT_KEY = "arcface_contract"  # ONNX metadata key; TorchScript: _extra_files["contract.json"]
+CONTRACT_KEY = "arcface_contract"  # in checkpoints (a dict) and ONNX metadata (JSON); TorchScript: contract.json
 INPUT_DTYPE_KEY = "arcface_input_dtype"  # uint8 or float32 ([0, 1]); TorchScript: _extra_files["input_dtype"]
-THRESHOLDS_KEY = "verification_thresholds"  # in checkpoints, written by callbacks.VerificationThresholds
+THRESHOLDS_KEY = "verification_thresholds"  # in checkpoints written before CONTRACT_KEY: their thresholds
 EXPORT_SUFFIXES = (".onnx", ".pt", ".ts", ".torchscript")  # what load_model reads as an export, not a checkpoint
 
 

@@ -71,12 +71,12 @@ def embed(cfg: DictConfig) -> dict[str, Any]:
         sources, labels, classes = index_inputs(cfg.input)
         embeddings = embed_files(model, contract, sources, cfg.data.eval_batch_size)
     else:
-        from arcface_lightning.checkpoints import checkpoint_contract  # torch and Lightning: only for a checkpoint
+        from arcface_lightning.checkpoints import Checkpoint  # torch and Lightning: only for a checkpoint
         from arcface_lightning.prediction import predict
 
-        contract = checkpoint_contract(ckpt_path)  # memory-mapped: only its settings (and the backbone's weights)
-
-        predicted = predict(cfg, ckpt_path, contract, output)
+        checkpoint = Checkpoint(ckpt_path)  # opened once, memory-mapped
+        contract = checkpoint.contract
+        predicted = predict(cfg, checkpoint, output)
         if predicted is None:  # not rank zero: rank zero writes the file
             return {}
         embeddings, labels, sources, classes = predicted

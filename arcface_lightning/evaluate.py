@@ -30,8 +30,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     start(cfg)
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ConfigError("ckpt_path is required: python -m arcface_lightning.evaluate ckpt_path=<file.ckpt>")
-    ckpt_path = check_ckpt_path(cfg.ckpt_path)
-    model, datamodule = load_checkpoint(cfg, ckpt_path)
+    checkpoint = check_ckpt_path(cfg.ckpt_path)
+    model, datamodule = load_checkpoint(cfg, checkpoint)  # the weights are in the model: test() reads no file
     callbacks = [instantiate_node(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
     loggers = [instantiate_node(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
     trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
@@ -39,7 +39,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for results in trainer.test(model, datamodule=datamodule):  # one dict per test loader (open set: two)
         metrics.update(final_metrics(results))
     dataset = datamodule.hparams.dataset
-    return {**metrics, "checkpoint": str(ckpt_path), "dataset": dataset, "tags": list(cfg.get("tags") or [])}
+    return {**metrics, "checkpoint": str(checkpoint.path), "dataset": dataset, "tags": list(cfg.get("tags") or [])}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from arcface_lightning.checkpoints import Checkpoint
 from arcface_lightning.config import instantiate_node
 from arcface_lightning.contract import Contract
 from arcface_lightning.data.augment import BatchPreparation
@@ -71,10 +72,11 @@ def part(output: Path, trainer: L.Trainer, rank: int | None = None) -> Path:
     return output.with_name(f"{output.name}.part-{trainer.global_rank if rank is None else rank}")
 
 
-def predict(cfg: DictConfig, ckpt_path: str, contract: Contract, output: Path) -> Predicted | None:
+def predict(cfg: DictConfig, checkpoint: Checkpoint, output: Path) -> Predicted | None:
     """(embeddings, labels, sources, classes) of `cfg.input` (images) or of `cfg.split` of the checkpoint's data set,
     on rank zero; None on the other ranks. The shares are removed before this returns, whatever happens."""
-    model, datamodule = load_checkpoint(cfg, ckpt_path)
+    model, datamodule = load_checkpoint(cfg, checkpoint)
+    contract = checkpoint.contract
     if cfg.input is not None:  # read the list before any work: a missing folder or an empty one is one line
         paths, labels, classes = index_inputs(cfg.input)
         files = ImageFiles(ImageIndex(paths, labels, classes or []), contract.in_channels, contract.image_size)

@@ -34,6 +34,7 @@ from arcface_lightning.config import check_run_keys, named_error, one_line, prin
 from arcface_lightning.registry import allow
 
 if TYPE_CHECKING:
+    from arcface_lightning.checkpoints import Checkpoint
     from arcface_lightning.data.datamodule import ImageDataModule
     from arcface_lightning.module import ArcFaceModule
 
@@ -70,21 +71,22 @@ def start(cfg: DictConfig) -> None:
         torch.set_float32_matmul_precision(precision)
 
 
-def check_ckpt_path(ckpt_path: str | None, output_dir: Path | None = None) -> str | None:
-    """A readable checkpoint file, or None. `last` means <run dir>/checkpoints/last.ckpt of this run's dir."""
+def check_ckpt_path(ckpt_path: str | None, output_dir: Path | None = None) -> Checkpoint | None:
+    """The checkpoint, opened (memory-mapped: settings only), or None. `last` means <run dir>/checkpoints/last.ckpt
+    of this run's dir. A file that is not a readable checkpoint fails now, in one line, rather than after Lightning
+    has set everything up."""
+    from arcface_lightning.checkpoints import Checkpoint
+
     if ckpt_path is None:
         return None
     if ckpt_path == "last" and output_dir is not None:
         ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
         if not Path(ckpt_path).is_file():
             raise ConfigError(f"ckpt_path=last: no {ckpt_path}; pass hydra.run.dir=<the run dir to resume>")
-    from arcface_lightning.checkpoints import read_checkpoint
-
-    try:  # fail now, with one line, rather than after Lightning has set everything up
-        read_checkpoint(ckpt_path)
+    try:
+        return Checkpoint(ckpt_path)
     except ModelError as error:
         raise ConfigError(str(error)) from None
-    return ckpt_path
 
 
 @contextlib.contextmanager
@@ -200,22 +202,18 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep:
     return record
 
 
-def load_checkpoint(cfg: DictConfig, ckpt_path: str) -> tuple[ArcFaceModule, ImageDataModule]:
-    """The module and its data module from a checkpoint; `cfg.data` keys that are not null override the data
-    module's saved values (where the files are, how they are loaded). evaluate and embed. Imports Lightning, the
-    model and the data modules (seconds): only here, where a checkpoint is loaded."""
-    from arcface_lightning.checkpoints import read_checkpoint
-    from arcface_lightning.data.datamodule import ImageDataModule
-    from arcface_lightning.data.streaming import StreamingDataModule
-    from arcface_lightning.module import ArcFaceModule
+def load_checkpoint(cfg: DictConfig, checkpoint: Checkpoint | str) -> tuple[ArcFaceModule, ImageDataModule]:
+    """The module and its data module from a checkpoint (opened here if given as a path); `cfg.data` keys that are
+    not null override the data module's saved values (where the files are, how they are loaded). evaluate and embed.
+    Imports Lightning, the model and the data modules (seconds): only here, where a checkpoint is loaded."""
+    from arcface_lightning.checkpoints import Checkpoint
 
+    checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    model = checkpoint.module()  # one line naming the file where the settings or weights do not build
     try:  # model and data settings (dataset, normalisation, split) both come from the checkpoint
-        model = ArcFaceModule.load_from_checkpoint(ckpt_path, map_location="cpu")
         given = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
-        saved = read_checkpoint(ckpt_path).get("datamodule_hyper_parameters", {})  # memory-mapped: settings only
-        data_class = StreamingDataModule if saved.get("dataset") == "streaming" else ImageDataModule
-        return model, data_class.load_from_checkpoint(ckpt_path, **given)  # null: the checkpoint's value
+        return model, checkpoint.data_module(**given)  # null: the checkpoint's value
     except Exception as error:  # a bad data.* value from the command line, or not a checkpoint of this model
         if isinstance(root_cause(error), BadValue):
             raise named_error(cfg, "data", error) from error
-        raise ConfigError(f"ckpt_path={ckpt_path} could not be loaded: {one_line(error)}") from error
+        raise ConfigError(f"ckpt_path={checkpoint.path} could not be loaded: {one_line(error)}") from error

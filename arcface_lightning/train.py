@@ -36,6 +36,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from arcface_lightning.callbacks import ContractInCheckpoint
+from arcface_lightning.checkpoints import Checkpoint
 from arcface_lightning.config import (
     CONF_DIR,
     REPO_ROOT,
@@ -62,14 +64,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    ckpt_path = check_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
+    resumed = check_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
     check_launch(cfg)
     datamodule, model, trainer = build(cfg)
-    if ckpt_path is not None:
-        check_resume(model, ckpt_path)
+    if resumed is not None:
+        check_resume(model, resumed)
     write_classes(datamodule, Path(cfg.paths.output_dir))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    # Lightning reads a resumed checkpoint again itself, to restore the loops, optimisers and callbacks
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resumed.path) if resumed else None)
     metrics = final_metrics(trainer.callback_metrics)
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     if timer is not None:  # now: loading the best checkpoint for the test restores its (earlier) training time
@@ -122,6 +125,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trai
         groups += ["head"] if owner == "PartialFC" else []  # head.sample_rate / head.sharded wrap the head
         raise named_error(cfg, groups[0] if groups else "model", error) from error
     callbacks = [instantiate_node(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
+    callbacks.append(ContractInCheckpoint())  # not a config choice: every checkpoint carries its contract
     loggers = [instantiate_node(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
     trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
     return datamodule, model, trainer
@@ -160,10 +164,10 @@ def check_optimization(cfg: DictConfig) -> None:
         raise ConfigError(f"scheduler.interval={interval!r} is invalid; allowed: epoch, step")
 
 
-def check_resume(model: ArcFaceModule, ckpt_path: str) -> None:
+def check_resume(model: ArcFaceModule, checkpoint: Checkpoint) -> None:
     """The checkpoint to resume holds the tensors this config builds, shape for shape: one line naming the first
     that differs (another embedding_size, backbone or number of classes), not Lightning's state_dict error."""
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    saved, ckpt_path = checkpoint.data["state_dict"], checkpoint.path
     built = model.state_dict()
     for name, tensor in built.items():
         if name not in saved and not name.endswith("num_batches_tracked"):

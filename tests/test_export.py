@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 
 from arcface_lightning.checkpoints import (
     Embedder,
-    contract_from_checkpoint,
+    contract_of_checkpoint,
     embedder_from_checkpoint,
     weights_fingerprint,
 )
@@ -172,7 +172,7 @@ def test_onnx_without_its_packages_names_the_extra(tmp_path: Path, monkeypatch) 
 
 def test_export_of_a_checkpoint_in_process_and_through_the_cli(trained, tmp_path: Path) -> None:
     ckpt = trained[1]["best_checkpoint"]
-    contract = contract_from_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True))
+    contract = contract_of_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True))
     embedder, _ = embedder_from_checkpoint(ckpt)
     batch = images(contract, 4)
     cfg = compose_config(f"ckpt_path={ckpt}", f"output={tmp_path / 'm.pt'}", "format=torchscript", config_name="export")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_images import digits, write_folder
 
-from arcface_lightning.checkpoints import contract_from_checkpoint, embedder_from_checkpoint
+from arcface_lightning.checkpoints import contract_of_checkpoint, embedder_from_checkpoint
 from arcface_lightning.contract import Contract, read_embeddings
 from arcface_lightning.embed import embed
 from arcface_lightning.inference import index_inputs
@@ -53,7 +53,7 @@ def test_the_checkpoint_carries_thresholds_recomputed_from_its_validation_embedd
     """callbacks.VerificationThresholds: the best checkpoint's threshold at FAR 1e-3 is the one its own
     validation embeddings give (embedded again here by the embed entry point, split=val)."""
     data, ckpt = checkpoint
-    saved = contract_from_checkpoint(torch.load(ckpt, weights_only=True)).thresholds
+    saved = contract_of_checkpoint(torch.load(ckpt, weights_only=True)).thresholds
     assert set(saved) == {"best_accuracy", "far=1e-3"}  # 100 validation images: too few negatives for 1e-4
     out = tmp_path / "val.npz"
     record = run(embed, embed_config(tmp_path, data, ckpt, "split=val", f"output={out}"))

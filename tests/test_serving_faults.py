@@ -75,7 +75,7 @@ INPUTS = {
 }
 FIRST_WORK = {  # what each command does first once its arguments are checked: reaching it fails the test
     "export": "arcface_lightning.export.embedder_from_checkpoint",
-    "embed": "arcface_lightning.checkpoints.checkpoint_contract",  # imported where called
+    "embed": "arcface_lightning.checkpoints.Checkpoint",  # imported where called
     "search": "arcface_lightning.search.read_embeddings",
 }
 
