@@ -283,3 +283,67 @@ def multirun(sweep: Path, data_root: Path, *overrides: str, process: bool = Fals
     or with `process=True` a real one: for launchers that start processes)."""
     run = cli_process if process else cli
     return run("train", "-m", f"hydra.sweep.dir={sweep}", f"paths.data_dir={data_root}", *TINY, *overrides)
+
+
+# The longest tests, with their seconds on the 2-core development VM (idle; measured with --durations): under xdist
+# each starts its worker's share of the run (below), so no worker is left with one of them at the end. Only the order
+# changes; a name not collected (renamed, deselected) is ignored.
+LONGEST = {
+    "test_partial_fc.py::test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ranks": 53,
+    "test_real_data.py::test_one_epoch_of_the_seed_recipe_reaches_98_percent": 41,  # its fixture: the seed epoch
+    "test_notebooks.py::test_quickstart_on_real_mnist": 35,
+    "test_notebooks.py::test_embeddings_on_real_mnist": 31,
+    "test_scale.py::test_kill_and_resume_equals_an_uninterrupted_run": 24,
+    "test_sweeps.py::test_joblib_runs_jobs_in_parallel_processes_and_a_bad_grid_point_fails_alone": 21,
+    "test_scale.py::test_submitit_local_runs_a_two_job_multirun": 20,
+    "test_scale.py::test_ddp_cpu_trains_two_ranks_into_one_run_dir": 18,
+    "test_compare.py::test_compare_searches_on_seed_zero_then_runs_the_chosen_setting_on_the_other_seeds": 17,
+    "test_serving_faults.py::test_export_stopped_by_a_signal_leaves_no_partial_file": 15,
+    "test_scale.py::test_sigterm_and_sigint_save_a_checkpoint_before_exit": 13,
+    "test_sweeps.py::test_grid_multirun_writes_every_job_and_the_report": 12,
+    "test_sweeps.py::test_optuna_search_runs_trials_and_returns_the_metric": 12,
+    "test_streaming.py::test_ddp_ranks_stream_disjoint_shards_with_equal_step_counts": 10,
+    "test_sweeps.py::test_two_sweeps_started_together_get_their_own_folders": 9,
+    "test_partial_fc.py::test_sharded_head_equals_the_single_process_head": 6,
+    "test_notebooks.py::test_inference_trains_exports_searches_and_verifies": 7,
+    "test_notebooks.py::test_quickstart_on_synthetic_data": 6,
+    "test_notebooks.py::test_embeddings_trains_its_own_open_set_model": 5,
+    "test_train.py::test_cifar10_resnet_recipe_trains": 5,
+}
+
+
+def seconds(item: pytest.Item) -> float:
+    """LONGEST's figure for a test (any of its parameters); 0 for the others, or where moving the test away from its
+    module's other tests would make a module-scoped fixture again."""
+    name = item.nodeid.split("[")[0].rsplit("/", 1)[-1]
+    if name not in LONGEST:
+        return 0
+    scopes = {defs[-1].scope for defs in item._fixtureinfo.name2fixturedefs.values()}
+    return 0 if scopes & {"module", "class", "package"} else LONGEST[name]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's worksteal, each of the n workers first gets one contiguous n-th of the collection, and an
+    idle worker then steals the end of another's queue. Put the longest tests at the starts of those n-ths, dealt
+    longest first to the least loaded, so that they start first and a worker's long tail is stolen; every other test
+    keeps its place in file order (and its module's fixtures their sharing). Every worker computes the same order."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or config.getoption("dist", "no") != "worksteal":
+        return
+    longest = sorted((item for item in items if seconds(item)), key=seconds, reverse=True)
+    rest = [item for item in items if not seconds(item)]
+    heads: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    load = [0.0] * workers
+    for item in longest:
+        least = load.index(min(load))
+        heads[least].append(item)
+        load[least] += seconds(item)
+    ordered, left = [], len(items)
+    for i, head in enumerate(heads):  # xdist's first split: len(pending) // idle workers left, in turn
+        size = left // (workers - i)
+        take = max(size - len(head), 0)
+        ordered += head + rest[:take]
+        rest = rest[take:]
+        left -= size
+    items[:] = ordered + rest
