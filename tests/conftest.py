@@ -327,10 +327,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Under pytest-xdist's worksteal, each of the n workers first gets one contiguous n-th of the collection, and an
     idle worker then steals the end of another's queue. Put the longest tests at the starts of those n-ths, dealt
     longest first to the least loaded, so that they start first and a worker's long tail is stolen; every other test
-    keeps its place in file order (and its module's fixtures their sharing). Every worker computes the same order
-    (xdist checks that they collected the same list); under the other --dist modes only the order changes."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # set in the workers (whose --dist reads "no")
-    if workers < 2:
+    keeps its place in file order (and its module's fixtures their sharing). Every worker computes the same order."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or config.getoption("dist", "no") != "worksteal":
         return
     longest = sorted((item for item in items if seconds(item)), key=seconds, reverse=True)
     rest = [item for item in items if not seconds(item)]
