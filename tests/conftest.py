@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib
 import io
+import json
 import logging
 import os
 import pickle
+import shutil
 import signal
 import struct
 import subprocess
@@ -160,17 +163,46 @@ def make_cfg(tmp_path: Path, mnist_root: Path) -> Callable[..., DictConfig]:
     return make
 
 
+def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], dict]) -> dict:
+    """`make(folder)` once in the whole session, however many xdist workers need it (a session fixture is per
+    worker): the first to get here makes it in a folder all the session's workers share, the others wait on the lock
+    and read back the JSON record it left. The record and the files are the same whichever worker made them."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-<n>/: this session's workers' folders are popen-gw0, popen-gw1, ...
+    done = base / f"{name}.json"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if `make` raises
+        if done.is_file():
+            return json.loads(done.read_text())
+        folder = base / name
+        if folder.exists():  # a worker whose `make` failed: start again
+            shutil.rmtree(folder)
+        folder.mkdir()
+        record = make(folder)
+        done.with_suffix(".tmp").write_text(json.dumps(record))
+        done.with_suffix(".tmp").replace(done)
+        return record
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """One tiny training run shared by the tests that only need a checkpoint: (data root, its metrics.json)."""
-    from arcface_lightning.runs import run
-    from arcface_lightning.train import train
+    """One tiny training run shared by the tests that only need a checkpoint: (data root, its metrics.json).
+    Made once for all the workers (once_per_session); the tests only read its files."""
 
-    root = tmp_path_factory.mktemp("trained")
-    data = write_mnist(root / "data")
-    L.seed_everything(0, verbose=False)
-    record = run(train, tiny_config(data, root / "run", "logger=csv", "trainer.max_epochs=2"))
-    return data, record
+    def make(root: Path) -> dict:
+        from arcface_lightning.runs import run
+        from arcface_lightning.train import train
+
+        data = write_mnist(root / "data")
+        L.seed_everything(0, verbose=False)
+        return {
+            "data": str(data),
+            "record": run(train, tiny_config(data, root / "run", "logger=csv", "trainer.max_epochs=2")),
+        }
+
+    made = once_per_session(tmp_path_factory, "trained", make)
+    return Path(made["data"]), made["record"]
 
 
 def cli_command(module: str, *overrides: str) -> dict:

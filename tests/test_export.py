@@ -3,7 +3,8 @@ dtypes work, the contract travels in the file, batch norm is in eval mode, and b
 file behind.
 
 The backbones are conf/backbone/*.yaml composed and instantiated (a new one is tested without editing this file), at
-their configured size except ResNet-18 at width=8: these tests are about the exporter, not the network's size.
+their configured size except ResNet-18 at width=8 and the face networks with fewer repeated blocks (SMALL): these
+tests are about the exporter, not the network's size.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ from conftest import CONF, cli, compose_config
 # every backbone class (iresnet50 and iresnet100 are iresnet18's class with more blocks: the same operators)
 BACKBONES = sorted(p.stem for p in (CONF / "backbone").glob("*.yaml") if p.stem not in ("iresnet50", "iresnet100"))
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
-SMALL = {"resnet18": ["backbone.width=8"]}  # the exporter is under test, not the network's size
+# the exporter is under test, not the network's size: fewer repeated blocks (each stage keeps its operators: the
+# face networks' stages still hold a block with an identity shortcut), ResNet-18 narrower
+SMALL = {
+    "resnet18": ["backbone.width=8"],
+    "iresnet18": ["backbone.blocks=[2,1,1,1]"],
+    "mobilefacenet": ["backbone.blocks=[1,2,2,2]"],
+}
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit.* is deprecated:FutureWarning")  # torch 2.14
 
 

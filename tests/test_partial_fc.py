@@ -20,6 +20,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -307,7 +309,13 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
     from arcface_lightning.evaluate import evaluate  # here: the spawned ranks above import this file without Lightning
     from arcface_lightning.runs import run
     from arcface_lightning.train import train
-    from conftest import TINY, cli_process, compose_config, tiny_config
+    from conftest import TINY, cli_command, compose_config, tiny_config
+
+    def started(name: str, *overrides: str) -> tuple[subprocess.Popen, Path]:
+        """cli_process, started: stderr to a file (a pipe left unread could fill and stall it); the caller waits."""
+        log = tmp_path / f"{name}.stderr"
+        with open(log, "w") as stderr:
+            return subprocess.Popen(**cli_command("train", *overrides), stdout=subprocess.DEVNULL, stderr=stderr), log
 
     first = tmp_path / "two"
     common = [f"paths.data_dir={mnist_root}", *TINY, *SHARDED, "logger=csv"]
@@ -315,17 +323,18 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
                       f"+callbacks.first_step.dirpath={tmp_path / 'first_step'}", "+callbacks.first_step.filename=run",
                       "+callbacks.first_step.every_n_train_steps=1", "+callbacks.first_step.save_top_k=1",
                       "+callbacks.first_step.monitor=step", "+callbacks.first_step.mode=min"]  # fmt: skip
-    result = cli_process("train", f"hydra.run.dir={first}", *common, "trainer=ddp_cpu", *after_one_step)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # the 2-rank sharded run and the 2-rank plain step below are independent: both start now, side by side
+    sharded_run = started("sharded", f"hydra.run.dir={first}", *common, "trainer=ddp_cpu", *after_one_step)
+    one_step = ["trainer.max_steps=1", "trainer.limit_val_batches=0", "trainer.limit_test_batches=0"]
+    plain_run = started("plain", f"hydra.run.dir={tmp_path / 'plain'}", *common, "head.sharded=false",
+                        "head.sample_rate=1.0", "trainer=ddp_cpu", *one_step)  # fmt: skip
+    for process, log in (sharded_run, plain_run):
+        assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
     # One step of the same run with the plain head (DDP replicating the centres and their momentum) leaves the same
     # weights and momentum: sharding changes where the numbers are computed, not what they are (a global batch of
     # 16 samples all 10 rows). One step: over a whole epoch float rounding alone grows chaotically (a change of the
     # convolutions' memory order moves the weights more than sharding does; BENCHMARKS.md, Issue 15).
     sharded_step = torch.load(tmp_path / "first_step" / "run.ckpt", weights_only=True)
-    one_step = ["trainer.max_steps=1", "trainer.limit_val_batches=0", "trainer.limit_test_batches=0"]
-    result = cli_process("train", f"hydra.run.dir={tmp_path / 'plain'}", *common, "head.sharded=false",
-                         "head.sample_rate=1.0", "trainer=ddp_cpu", *one_step)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
     plain_step = torch.load(tmp_path / "plain" / "checkpoints" / "last.ckpt", weights_only=True)
     assert sharded_step["global_step"] == plain_step["global_step"] == 1
 
@@ -344,6 +353,10 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
     assert record["status"] == "ok" and record["world_size"] == 2
     saved = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert saved["head.weight"].shape == saved["head.state_momentum_buffer"].shape == (10, 16)
+    three = tmp_path / "three"  # resumed on 3 ranks, in its own processes while this one evaluates and resumes
+    shutil.copytree(first, three)
+    three_ranks = started("three", f"hydra.run.dir={three}", *common, "trainer=ddp_cpu", "trainer.devices=3",
+                          "trainer.max_epochs=2", "ckpt_path=last")  # fmt: skip
     where = [f"paths.data_dir={mnist_root}", "data.download=false", "trainer=cpu", "logger=csv"]
     cfg = compose_config(f"ckpt_path={record['best_checkpoint']}", *where, config_name="eval")
     cfg.paths.output_dir = str(tmp_path / "eval")
@@ -365,11 +378,7 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
             "ckpt_path=last",
         ),
     )
-    three = tmp_path / "three"
-    shutil.copytree(first, three)
-    result = cli_process("train", f"hydra.run.dir={three}", *common, "trainer=ddp_cpu", "trainer.devices=3",
-                 "trainer.max_epochs=2", "ckpt_path=last")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert three_ranks[0].wait(timeout=300) == 0, three_ranks[1].read_text()[-3000:]
     for continued in (resumed, json.loads((three / "metrics.json").read_text())):
         assert continued["status"] == "ok" and continued["epochs"] == 2, continued
         assert continued["val/acc_best"] >= record["val/acc_best"] and continued["test/acc"] > 0.5

@@ -16,27 +16,32 @@ from arcface_lightning.runs import run
 from arcface_lightning.search import search
 from arcface_lightning.train import train
 from arcface_lightning.verify import verify
-from conftest import cli, compose_config
+from conftest import cli, compose_config, once_per_session
 
 DATA_DIR = os.environ.get("ARCFACE_DATA_DIR", "")
 HAS_MNIST = bool(DATA_DIR) and (Path(DATA_DIR) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def seed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One epoch of the seed recipe on real MNIST: its metrics.json record."""
-    cfg = compose_config(
-        "experiment=seed_mnist",
-        "trainer=cpu",
-        "trainer.max_epochs=1",
-        "data.download=false",
-        f"paths.data_dir={DATA_DIR}",
-        "callbacks.progress_bar.refresh_rate=0",
-        "logger=csv",
-    )
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path_factory.mktemp("seed_run"))
-    return train(cfg)
+    """One epoch of the seed recipe on real MNIST: its metrics.json record. Trained once in the session, whichever
+    worker runs its tests (once_per_session)."""
+
+    def make(folder: Path) -> dict:
+        cfg = compose_config(
+            "experiment=seed_mnist",
+            "trainer=cpu",
+            "trainer.max_epochs=1",
+            "data.download=false",
+            f"paths.data_dir={DATA_DIR}",
+            "callbacks.progress_bar.refresh_rate=0",
+            "logger=csv",
+        )
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(folder)
+        return train(cfg)
+
+    return once_per_session(tmp_path_factory, "seed_run", make)
 
 
 @pytest.mark.real_data
