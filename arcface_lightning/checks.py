@@ -7,16 +7,17 @@ name the config key instead (`head.s=-1 ...`, see config.py).
 
 The user errors (`USER_ERRORS`: runs.run prints their first line, no traceback) live here so that a command catches
 them without importing the modules that raise them (Lightning, torchvision); each is also importable from the module
-it belongs to (`ConfigError` from config.py, `DataError` from data/, `ModelError` from checkpoints.py and inference.py, `DivergedError`
-from module.py, `TargetNotAllowed` from registry.py).
+it belongs to (`ConfigError` from config.py, `DataError` from data/, `ModelError` from checkpoints.py and
+inference.py, `DivergedError` from module.py, `TargetNotAllowed` from registry.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 
 class ConfigError(ValueError):
@@ -107,3 +108,11 @@ def check_number(owner: str, name: str, value: Any, allowed: str, ok: Callable[[
 def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> None:
     allowed = ", ".join("null" if c is None else str(c) for c in choices)
     require(owner, name, value, allowed, lambda v: v in choices)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the commands that are not Hydra's (pack, report): a bad argument is one line naming the way to
+    `--help`, without the usage argparse prints above its error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")

@@ -32,11 +32,11 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from torchvision.io import read_file
 
-from arcface_lightning.checks import first_line
+from arcface_lightning.checks import OneLineParser, first_line
 from arcface_lightning.data.datamodule import ImageDataModule
 from arcface_lightning.data.datasets import DataError
 from arcface_lightning.data.splits import is_size
@@ -297,14 +297,12 @@ def chunk_size(text: str) -> str:
     return text
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """A bad argument in one line (argparse prints the usage above it)."""
-        self.exit(2, f"error: {message}; see python -m arcface_lightning.pack --help\n")
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(
+        prog="python -m arcface_lightning.pack",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("source", type=Path, help="a folder of class folders, or a CSV list of path,label rows")
     parser.add_argument("output", type=Path, help="the packed set's folder (must not exist)")
     parser.add_argument("--test-root", type=Path, help="a separate test folder or list (else a split is held out)")

@@ -36,7 +36,7 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from arcface_lightning.checks import is_number
+from arcface_lightning.checks import OneLineParser, is_number
 from arcface_lightning.sweep_jobs import Row, read_jobs
 
 log = logging.getLogger(__name__)
@@ -288,12 +288,17 @@ class SweepReportCallback(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m arcface_lightning.report <sweep_dir>")
+    """`python -m arcface_lightning.report <sweep_dir>` (console script: arcface-report)."""
+    parser = OneLineParser(
+        prog="python -m arcface_lightning.report",
+        description=__doc__.split("\n\n")[0],
+        epilog="Writes summary.csv, summary.md, summary_seeds.csv and heatmap.png into the sweep dir.",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="a multirun folder of arcface_lightning.train -m")
+    args = parser.parse_args(argv)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stopped)
-    write_report(Path(args[0]))
+    write_report(args.sweep_dir)
 
 
 def stopped(signum: int, frame: Any) -> None:

@@ -75,7 +75,7 @@ def test_a_contract_of_another_format_is_refused_in_one_line(new_checkpoint: Pat
     torch.save(saved, tmp_path / "future.ckpt")
     message = f"ckpt_path={tmp_path / 'future.ckpt'}: its {CONTRACT_KEY} has format {CONTRACT_FORMAT + 1}; this"
     with pytest.raises(ModelError, match=rf"^{message}"):
-        Checkpoint(tmp_path / "future.ckpt").contract
+        _ = Checkpoint(tmp_path / "future.ckpt").contract
 
 
 def test_a_checkpoint_of_the_old_format_loads_and_evaluates_to_its_numbers(images: Path, tmp_path: Path) -> None:

@@ -180,3 +180,18 @@ def test_the_sweep_callback_logs_a_report_problem_and_never_fails_the_sweep(tmp_
     gone = tmp_path / "gone"
     assert caplog.messages == [f"sweep report not written: error: {gone} does not exist; give a sweep dir: the folder "
                                "of a multirun, e.g. logs/train/multiruns/<time>_<pid>"]  # fmt: skip
+
+
+def test_report_has_a_help_and_a_missing_argument_is_one_line(capsys) -> None:
+    from arcface_lightning.report import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m arcface_lightning.report [-h] sweep_dir")
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: the following arguments are required: sweep_dir; see python -m arcface_lightning.report --help\n"
+    )

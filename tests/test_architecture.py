@@ -1,0 +1,94 @@
+"""docs/architecture.md's import rules, enforced: each layer is imported in a fresh interpreter, which then must not
+hold what that layer may not import (a module imported by any of them counts against all of them, so each group is a
+layer whose members share their rules)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+ENTRY_POINTS = [f"arcface_lightning.{name}" for name in ("train", "evaluate", "embed", "export", "search", "verify",
+                                                          "compare", "pack", "report")]  # fmt: skip
+LAYERS = {
+    "the model's parts (no Lightning, no Hydra)": (
+        ["heads", "recent_heads", "backbones", "face_backbones", "partial_fc", "metrics", "figures", "checkpoints"],
+        ["lightning", "pytorch_lightning", "hydra", "omegaconf", "arcface_lightning.data", *ENTRY_POINTS],
+    ),
+    "the data path (no Lightning, no Hydra, not the model)": (
+        [
+            "data.datasets",
+            "data.splits",
+            "data.pairs",
+            "data.settings",
+            "data.tensors",
+            "data.augment",
+            "data.images",
+            "data.files",
+        ],
+        ["lightning", "hydra", "arcface_lightning.module", "arcface_lightning.heads", *ENTRY_POINTS],
+    ),
+    "the serving core and commands (no torch)": (
+        [
+            "checks",
+            "config",
+            "overrides",
+            "runs",
+            "registry",
+            "contract",
+            "writing",
+            "inference",
+            "data.files",
+            "embed",
+            "search",
+            "verify",
+        ],
+        ["torch", "lightning", "torchvision", "timm", "litdata", "torchmetrics", "arcface_lightning.module"],
+    ),
+    "the LightningModule (not the data path, nor the entry points)": (
+        ["module"],
+        ["arcface_lightning.data", "arcface_lightning.data.datamodule", "arcface_lightning.figures", *ENTRY_POINTS],
+    ),
+}
+
+PROBE = """
+import importlib, json, sys
+for name in sys.argv[2:]:
+    importlib.import_module(f"arcface_lightning.{name}")
+print(json.dumps(sorted(m for m in json.loads(sys.argv[1]) if m in sys.modules)))
+"""
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_layer_imports_only_what_architecture_md_allows(layer: str) -> None:
+    modules, forbidden = LAYERS[layer]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", PROBE, json.dumps(forbidden), *modules]
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == [], f"{layer}: {result.stdout}"
+
+
+def test_the_rules_can_fail() -> None:
+    """The control: an entry point holds what the serving core may not."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", PROBE, json.dumps(["torch", "lightning"]), "train"]
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert json.loads(result.stdout) == ["lightning", "torch"]
+
+
+def test_every_command_has_a_console_script() -> None:
+    """The nine commands, each an `arcface-<name>` console script of the installed package naming a callable."""
+    from importlib.metadata import distribution
+
+    scripts = {e.name: e for e in distribution("arcface-lightning").entry_points if e.group == "console_scripts"}
+    commands = {"train", "evaluate", "embed", "export", "search", "verify", "compare", "pack", "report"}
+    assert {name.removeprefix("arcface-") for name in scripts} == commands
+    for name, entry in scripts.items():
+        assert entry.module == f"arcface_lightning.{name.removeprefix('arcface-')}", entry
+        assert callable(entry.load()), entry
