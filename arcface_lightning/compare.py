@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -41,12 +40,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from arcface_lightning.checks import BadValue
-from arcface_lightning.config import CONF_DIR, ConfigError, one_line, register_configs, root_cause, selection_metric
+from arcface_lightning.config import CONF_DIR, ConfigError, one_line, root_cause, selection_metric
 from arcface_lightning.metrics import embedding_metrics, pair_metrics
 from arcface_lightning.module import build_head
-from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.report import markdown, pyplot, write_csv, written_aside
-from arcface_lightning.runs import run, start
+from arcface_lightning.runs import entry_point, start
 from arcface_lightning.sweep_jobs import Row, read_jobs
 
 LAUNCHER_EXAMPLE = """'launcher=["hydra/launcher=joblib","hydra.launcher.n_jobs=4"]'"""
@@ -318,17 +316,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     return {"heads": len(table), "runs": sum(len(v) for v in runs.values()), "compare_wall_time_s": round(wall, 1)}
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="compare")
-def main(cfg: DictConfig) -> None:
-    register_configs()
-    run(compare, cfg)
-
-
-def cli() -> None:
-    register_configs()
-    sys.argv[1:] = upgrade_overrides(sys.argv[1:])  # hydra.main reads sys.argv
-    check_overrides(sys.argv[1:], config_name="compare")
-    main()
+main, cli = entry_point("compare", compare)
 
 
 if __name__ == "__main__":

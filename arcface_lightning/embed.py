@@ -31,18 +31,15 @@ the distributed sampler's padding repeats.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from arcface_lightning.config import CONF_DIR, ConfigError, register_configs
+from arcface_lightning.config import ConfigError
 from arcface_lightning.contract import EXPORT_SUFFIXES, save_embeddings
 from arcface_lightning.inference import embed_files, index_inputs, load_model
-from arcface_lightning.overrides import check_overrides, upgrade_overrides
-from arcface_lightning.runs import run, start
+from arcface_lightning.runs import entry_point, start
 from arcface_lightning.writing import check_output
 
 SPLITS = ("train", "val", "test")
@@ -50,9 +47,6 @@ SPLITS = ("train", "val", "test")
 
 def embed(cfg: DictConfig) -> dict[str, Any]:
     start(cfg)
-    for key in ("ckpt_path", "output"):
-        if OmegaConf.is_missing(cfg, key):
-            raise ConfigError(f"{key} is required: python -m arcface_lightning.embed ckpt_path=<ckpt> output=<x.npz>")
     output = Path(cfg.output)
     if output.suffix != ".npz":
         raise ConfigError(f"output={output}: embeddings are written as .npz; give a file name ending in .npz")
@@ -85,17 +79,7 @@ def embed(cfg: DictConfig) -> dict[str, Any]:
     return {"output": str(output), "embeddings": len(embeddings), "embedding_size": int(embeddings.shape[1])}
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="embed")
-def main(cfg: DictConfig) -> None:
-    register_configs()
-    run(embed, cfg)
-
-
-def cli() -> None:
-    register_configs()
-    sys.argv[1:] = upgrade_overrides(sys.argv[1:])  # hydra.main reads sys.argv
-    check_overrides(sys.argv[1:], config_name="embed")
-    main()
+main, cli = entry_point("embed", embed)
 
 
 if __name__ == "__main__":

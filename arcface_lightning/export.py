@@ -30,24 +30,21 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
-import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from arcface_lightning.checkpoints import Embedder, embedder_from_checkpoint, weights_fingerprint
 from arcface_lightning.checks import ModelError
-from arcface_lightning.config import CONF_DIR, ConfigError, one_line, register_configs
+from arcface_lightning.config import ConfigError, one_line
 from arcface_lightning.contract import CONTRACT_KEY, INPUT_DTYPE_KEY, Contract
 from arcface_lightning.inference import load_model, reraise_interruption
-from arcface_lightning.overrides import check_overrides, upgrade_overrides
-from arcface_lightning.runs import run, start
+from arcface_lightning.runs import entry_point, start
 from arcface_lightning.writing import check_output, written_aside
 
 log = logging.getLogger(__name__)
@@ -170,9 +167,6 @@ def export_model(
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     start(cfg)
-    for key in ("ckpt_path", "output"):
-        if OmegaConf.is_missing(cfg, key):
-            raise ConfigError(f"{key} is required: {USAGE}")
     check_arguments(cfg.format, cfg.output, cfg.input_dtype, cfg.opset)  # before the checkpoint is read
     check_output(cfg.output)
     for name in ("onnxscript", "onnx_ir"):  # the dynamo exporter's optimiser logs a line per pass at INFO
@@ -185,17 +179,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return {**written, "checkpoint": str(cfg.ckpt_path), "tags": list(cfg.get("tags") or [])}
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
-def main(cfg: DictConfig) -> None:
-    register_configs()
-    run(export, cfg)
-
-
-def cli() -> None:
-    register_configs()
-    sys.argv[1:] = upgrade_overrides(sys.argv[1:])  # hydra.main reads sys.argv
-    check_overrides(sys.argv[1:], config_name="export")
-    main()
+main, cli = entry_point("export", export)
 
 
 if __name__ == "__main__":

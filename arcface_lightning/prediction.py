@@ -22,12 +22,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from arcface_lightning.checkpoints import Checkpoint
-from arcface_lightning.config import instantiate_node
 from arcface_lightning.contract import Contract
 from arcface_lightning.data.augment import BatchPreparation
 from arcface_lightning.data.images import ImageFiles, ImageIndex
 from arcface_lightning.inference import index_inputs
-from arcface_lightning.runs import load_checkpoint
+from arcface_lightning.runs import build_trainer, load_checkpoint
 from arcface_lightning.writing import sigterm_raises
 
 Predicted = tuple[np.ndarray, np.ndarray, list[str], list[str] | None]  # embeddings, labels, sources, classes
@@ -85,7 +84,7 @@ def predict(cfg: DictConfig, checkpoint: Checkpoint, output: Path) -> Predicted 
     else:
         datamodule.predict_split, classes = cfg.split, datamodule.classes or contract.classes
     writer = EmbeddingWriter(output)
-    trainer = instantiate_node(cfg, "trainer", callbacks=[writer], logger=False)
+    trainer = build_trainer(cfg, writer, configured=False)
     try:  # Trainer.predict only notes a SIGTERM; sigterm_raises stops it, and nothing half-written is left
         with sigterm_raises():
             trainer.predict(model, datamodule=datamodule, return_predictions=False)

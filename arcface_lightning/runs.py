@@ -6,6 +6,7 @@ user error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -18,6 +19,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning_utilities.core.rank_zero import rank_zero_only  # the object Lightning sets `.rank` on
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,15 +34,27 @@ from arcface_lightning.checks import (
     Terminated,
     sigterm_exception,
 )
-from arcface_lightning.config import check_run_keys, named_error, one_line, print_config, root_cause
+from arcface_lightning.config import (
+    CONF_DIR,
+    check_run_keys,
+    named_error,
+    one_line,
+    print_config,
+    register_configs,
+    root_cause,
+)
+from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.registry import allow
 
 if TYPE_CHECKING:
+    import lightning as L
+
     from arcface_lightning.checkpoints import Checkpoint
     from arcface_lightning.data.datamodule import ImageDataModule
     from arcface_lightning.module import ArcFaceModule
 
 log = logging.getLogger(__name__)
+Rewrite = Callable[[list[str]], list[str]]  # a command's own rewriting of its arguments (search: model=)
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # where Lightning reads a rank
 
 
@@ -58,9 +74,40 @@ def terminations() -> tuple[type[BaseException], ...]:
     return (Terminated, sigterm_exception())  # the same class twice where Lightning is not loaded: harmless
 
 
+def entry_point(config_name: str, task: Callable[[DictConfig], dict[str, Any]], rewrite: Rewrite | None = None):
+    """A command's `main` (the Hydra job: conf/<config_name>.yaml composed, `task` run through `run`, its outcome
+    in metrics.json; for sweepers, the value of `optimized_metric` where the config names one, NaN for a failed
+    job) and `cli` (its console script: moved keys upgraded, `rewrite` applied, a bad override said in one line
+    before Hydra composes anything, then `main`). Each entry module is left with its task:
+    `main, cli = entry_point("eval", evaluate)`."""
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    @functools.wraps(task)  # main wraps task: Hydra names the job after task's module (<job>.log, --help), not this one
+    def main(cfg: DictConfig) -> float | None:
+        register_configs()  # also here: launchers run jobs in fresh processes, which need the resolvers too
+        metrics = run(task, cfg, in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN)
+        name = cfg.get("optimized_metric")
+        return float(metrics.get(name) or math.nan) if name else None
+
+    def cli() -> None:
+        register_configs()
+        argv = upgrade_overrides(sys.argv[1:])
+        sys.argv[1:] = rewrite(argv) if rewrite else argv  # hydra.main reads sys.argv
+        check_overrides(sys.argv[1:], config_name=config_name)
+        main()
+
+    cli.__doc__ = f"the console script of {task.__module__}: conf/{config_name}.yaml, {task.__name__}()"
+    return main, cli
+
+
 def start(cfg: DictConfig) -> None:
-    """What every entry point does first: check the top-level keys, print the config if asked, set matmul precision."""
+    """What every entry point does first: check the top-level keys and the required ones (`???` in the command's
+    YAML, named with its `usage` line), print the config if asked, set matmul precision."""
     check_run_keys(cfg)
+    missing = [key for key in cfg if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        usage = cfg.get("usage") or f"give {missing[0]}=<value>"
+        raise ConfigError(f"{missing[0]} is required: {usage}")
     allow(cfg.get("allowed_targets"))
     if cfg.get("extras") and cfg.extras.get("print_config") and global_rank() == 0:
         print_config(cfg)
@@ -200,6 +247,17 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep:
     else:
         raise failure
     return record
+
+
+def build_trainer(cfg: DictConfig, *extra: Any, configured: bool = True) -> L.Trainer:
+    """The Trainer of `cfg.trainer`, with the callbacks and loggers `cfg` configures (`configured`) and `extra`
+    callbacks. train, evaluate and embed's prediction assemble it here."""
+    from arcface_lightning.config import instantiate_node
+
+    names = (cfg.get("callbacks") or {}) if configured else {}
+    callbacks = [instantiate_node(cfg, f"callbacks.{name}") for name in names]
+    loggers = [instantiate_node(cfg, f"logger.{name}") for name in cfg.get("logger") or {}] if configured else []
+    return instantiate_node(cfg, "trainer", callbacks=[*callbacks, *extra], logger=loggers or False)
 
 
 def load_checkpoint(cfg: DictConfig, checkpoint: Checkpoint | str) -> tuple[ArcFaceModule, ImageDataModule]:

@@ -30,21 +30,18 @@ import csv
 import logging
 import os
 import re
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from arcface_lightning.config import CONF_DIR, ConfigError, register_configs
+from arcface_lightning.config import ConfigError
 from arcface_lightning.contract import Embeddings, read_embeddings
 from arcface_lightning.data import DataError
 from arcface_lightning.inference import embed_files, index_inputs, load_model
-from arcface_lightning.overrides import check_overrides, upgrade_overrides
-from arcface_lightning.runs import run, start
+from arcface_lightning.runs import entry_point, start
 from arcface_lightning.writing import check_output, written_aside
 
 log = logging.getLogger(__name__)
@@ -128,9 +125,6 @@ def faiss_top_k(
 
 
 def check_settings(cfg: DictConfig) -> None:
-    for key in ("gallery", "query"):
-        if OmegaConf.is_missing(cfg, key):
-            raise ConfigError(f"{key} is required: python -m arcface_lightning.search gallery=<.npz> query=<...>")
     for key in ("k", "chunk_size", "batch_size", "print_queries"):
         value = cfg.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "print_queries" else 1):
@@ -238,18 +232,12 @@ def write_csv(path: Path, rows: Iterable[tuple]) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="search")
-def main(cfg: DictConfig) -> None:
-    register_configs()
-    run(search, cfg)
+def model_as_query_model(argv: list[str]) -> list[str]:
+    """`model=` on the command line is `query_model` in conf/search.yaml (conf/model/ is a config group)."""
+    return [re.sub(r"^\+{0,2}model=", "query_model=", a) for a in argv]
 
 
-def cli() -> None:
-    register_configs()
-    argv = [re.sub(r"^\+{0,2}model=", "query_model=", a) for a in upgrade_overrides(sys.argv[1:])]
-    sys.argv[1:] = argv  # hydra.main reads sys.argv
-    check_overrides(argv, config_name="search")
-    main()
+main, cli = entry_point("search", search, rewrite=model_as_query_model)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,9 @@ checkpoints/ (last.ckpt and the best by val/acc), metrics.json.
 from __future__ import annotations
 
 import logging
-import math
-import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -49,13 +46,21 @@ from arcface_lightning.config import (
     root_cause,
 )
 from arcface_lightning.module import ArcFaceModule
-from arcface_lightning.overrides import check_overrides, upgrade_overrides
 from arcface_lightning.registry import TargetNotAllowed, check_lr_scheduler, check_part
-from arcface_lightning.runs import check_ckpt_path, final_metrics, run, start, write_classes
+from arcface_lightning.runs import build_trainer, check_ckpt_path, entry_point, final_metrics, run, start, write_classes
 
 # beside the hyper-parameters in TensorBoard's HPARAMS tab (by_class runs have no closed-set accuracy)
 HPARAMS_METRICS = ("val/acc_best", "val/precision_at_1_best", "test/acc", "test/acc_margin", "test/precision_at_1")
-__all__ = ["CONF_DIR", "REPO_ROOT", "build", "cli", "main", "run", "train"]  # what notebooks and scripts use
+__all__ = [
+    "CONF_DIR",
+    "REPO_ROOT",
+    "build",
+    "cli",
+    "main",
+    "register_configs",
+    "run",
+    "train",
+]  # what notebooks and scripts use
 log = logging.getLogger(__name__)
 
 
@@ -124,10 +129,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trai
         groups = [g for g, target in targets.items() if f"'{target}'" in text or target.endswith(f".{owner}")]
         groups += ["head"] if owner == "PartialFC" else []  # head.sample_rate / head.sharded wrap the head
         raise named_error(cfg, groups[0] if groups else "model", error) from error
-    callbacks = [instantiate_node(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
-    callbacks.append(ContractInCheckpoint())  # not a config choice: every checkpoint carries its contract
-    loggers = [instantiate_node(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
-    trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, ContractInCheckpoint())  # not a config choice: every checkpoint has its contract
     return datamodule, model, trainer
 
 
@@ -226,20 +228,7 @@ def hparams_for_tensorboard(cfg: DictConfig) -> dict[str, Any]:
     return params
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    register_configs()  # again: launchers run this job in a fresh process, where the resolvers must exist
-    metrics = run(train, cfg, in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN)
-    name = cfg.get("optimized_metric")
-    # for Hydra sweepers (Optuna): a failed job returns NaN, which Optuna records as a failed trial
-    return float(metrics.get(name) or math.nan) if name else None
-
-
-def cli() -> None:
-    register_configs()
-    sys.argv[1:] = upgrade_overrides(sys.argv[1:])  # hydra.main reads sys.argv
-    check_overrides(sys.argv[1:], config_name="train")
-    main()
+main, cli = entry_point("train", train)
 
 
 if __name__ == "__main__":

@@ -21,22 +21,19 @@ Lightning in to rebuild its model (seconds more at start).
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 
 from arcface_lightning.checks import ModelError
-from arcface_lightning.config import CONF_DIR, ConfigError, register_configs
+from arcface_lightning.config import ConfigError
 from arcface_lightning.contract import far_key
 from arcface_lightning.data.files import read_image
 from arcface_lightning.inference import load_model
-from arcface_lightning.overrides import check_overrides, upgrade_overrides
-from arcface_lightning.runs import run, start
+from arcface_lightning.runs import entry_point, start
 
 log = logging.getLogger(__name__)
 SMALL_IMAGE_FRACTION = 0.5  # of image_size: a shorter side below it is resized up more than 2×
@@ -72,11 +69,6 @@ def warn_if_small(key: str, path: str, image_size: int) -> bool:
 
 def verify(cfg: DictConfig) -> dict[str, Any]:
     start(cfg)
-    for key in ("ckpt_path", "a", "b"):
-        if OmegaConf.is_missing(cfg, key):
-            raise ConfigError(
-                f"{key} is required: python -m arcface_lightning.verify ckpt_path=<model> a=<img> b=<img>"
-            )
     for key in ("a", "b"):
         path = Path(str(cfg[key]))
         if path.is_dir():
@@ -109,17 +101,7 @@ def verify(cfg: DictConfig) -> dict[str, Any]:
     return {**record, "small_images": small} if small else record
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="verify")
-def main(cfg: DictConfig) -> None:
-    register_configs()
-    run(verify, cfg)
-
-
-def cli() -> None:
-    register_configs()
-    sys.argv[1:] = upgrade_overrides(sys.argv[1:])  # hydra.main reads sys.argv
-    check_overrides(sys.argv[1:], config_name="verify")
-    main()
+main, cli = entry_point("verify", verify)
 
 
 if __name__ == "__main__":

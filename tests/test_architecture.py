@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import ROOT
 
@@ -92,3 +94,32 @@ def test_every_command_has_a_console_script() -> None:
     for name, entry in scripts.items():
         assert entry.module == f"arcface_lightning.{name.removeprefix('arcface-')}", entry
         assert callable(entry.load()), entry
+
+
+HYDRA_COMMANDS = {"train": "train", "evaluate": "eval", "embed": "embed", "export": "export", "search": "search",
+                  "verify": "verify", "compare": "compare"}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", HYDRA_COMMANDS)
+def test_each_command_runs_through_the_shared_runner_and_its_help_says_what_it_needs(command: str) -> None:
+    """One way to run an entry point (runs.entry_point): the module's cli and main come from it, `--help` opens
+    with the usage line of the command's YAML, and a required key (`???` there) is named with that line by
+    runs.start, in one place for every command."""
+    import importlib
+
+    from arcface_lightning.checks import ConfigError
+    from arcface_lightning.runs import start
+    from conftest import cli, compose_config
+
+    module = importlib.import_module(f"arcface_lightning.{command}")
+    assert module.cli.__module__ == "arcface_lightning.runs" and module.main.__wrapped__.__name__ in (command, "train")
+    cfg = compose_config(config_name=HYDRA_COMMANDS[command])
+    usage = cfg.get("usage") or f"python -m arcface_lightning.{command} key=value ..."
+    result = cli(command, "--help")
+    assert result.returncode == 0 and result.stdout.splitlines()[0] == usage, result.stdout[:300]
+    job = cli(command, "--cfg", "hydra", "--package", "hydra.job")  # the job is named after the command, as before:
+    assert f"\nname: {command}\n" in job.stdout, job.stdout[:300]  # <run dir>/<command>.log
+    required = [key for key in cfg if OmegaConf.is_missing(cfg, key)]
+    if required:
+        with pytest.raises(ConfigError, match=f"^{re.escape(f'{required[0]} is required: {usage}')}$"):
+            start(cfg)
