@@ -180,7 +180,7 @@ def create_timm_model(
         raise ImportError("backbone=timm needs the timm package: pip install timm") from error
     if not (isinstance(name, str) and (name.startswith("hf-hub:") or timm.is_model(name))):
         raise BadValue("TimmBackbone", "name", name, unknown_model_hint(timm, name))
-    state_dict = None if checkpoint_path is None else read_checkpoint(timm, checkpoint_path)
+    state_dict = None if checkpoint_path is None else read_weights(timm, checkpoint_path)
     overlay = None if state_dict is None else {"state_dict": state_dict}  # timm's pretrained loader reads it there
     try:
         model = timm.create_model(
@@ -223,11 +223,12 @@ def unknown_model_hint(timm: Any, name: Any) -> str:
     return f"a timm model name{suggestion}; list them with timm.list_models('*{stem}*')"
 
 
-def read_checkpoint(timm: Any, path: Any) -> dict[str, torch.Tensor]:
-    """A weights file's state dict (timm unwraps a checkpoint dict's `state_dict` or `model` entry)."""
+def read_weights(timm: Any, path: Any) -> dict[str, torch.Tensor]:
+    """A pretrained weights file's state dict, read by timm's own loader (safetensors, or torch with weights_only; it
+    unwraps a `state_dict` or `model` entry). Not a training checkpoint: those are opened by checkpoints.py alone."""
     if not (isinstance(path, (str, os.PathLike)) and Path(path).is_file()):
         raise BadValue("TimmBackbone", "checkpoint_path", path, "null or an existing weights file (.pth, .safetensors)")
     try:
-        return timm.models.load_state_dict(os.fspath(path))
+        return timm.models.load_state_dict(os.fspath(path), weights_only=True)  # explicit: no code from a file
     except Exception as error:  # not a torch or safetensors file
         raise BadValue("TimmBackbone", "checkpoint_path", path, f"a weights file ({first_line(error)})") from error
