@@ -33,7 +33,8 @@ Choices, and why:
   device at every step; there the data module checks every label once when it builds its splits
   (data/datasets.py), and an out-of-range label from elsewhere ends in the device's own index assertion.
 
-No framework imports beyond torch: these are plain nn.Modules usable in any training loop.
+`psi(cos, m1, m2, m3)` is ψ as one pure function: every margin head here, the newer heads of recent_heads.py and
+Partial FC call it. No framework imports beyond torch: these are plain nn.Modules usable in any training loop.
 """
 
 from __future__ import annotations
@@ -83,7 +84,57 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"label {labels[bad][0].item()} is out of range; allowed: 0 ≤ label < {num_classes}")
 
 
-class CombinedMarginHead(nn.Module):
+Margin = float | torch.Tensor  # one value, or one per element of the target cosines (per-sample margins)
+
+
+def psi(cos_target: torch.Tensor, m1: Margin = 1.0, m2: Margin = 0.0, m3: Margin = 0.0) -> torch.Tensor:
+    """The margin ψ(θ) = cos(m1·θ + m2) − m3 of the target cosines (any shape, fp32), with its monotone fallback
+    cos θ − c − m3 past θ* = (π − m2)/m1, c = max(m2·sin m2, 1 + cos θ*) (module doc). Every margin head's ψ is this
+    function; margins may be tensors broadcastable to `cos_target` (ElasticFace draws one per sample)."""
+    per_element = isinstance(m1, torch.Tensor) or isinstance(m2, torch.Tensor)
+    if not per_element and m1 == 1.0 and m2 == 0.0:  # no angular part: exact, and no acos to differentiate
+        return cos_target - m3
+    if not per_element:
+        theta_max = (math.pi - m2) / m1
+        shift = max(m2 * math.sin(m2), 1.0 + math.cos(theta_max))
+    else:
+        m1, m2 = (torch.as_tensor(m, dtype=cos_target.dtype, device=cos_target.device) for m in (m1, m2))
+        theta_max = (math.pi - m2) / m1
+        shift = torch.maximum(m2 * torch.sin(m2), 1.0 + torch.cos(theta_max))
+    theta = torch.acos(cos_target.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS))
+    return torch.where(theta <= theta_max, torch.cos(m1 * theta + m2), cos_target - shift) - m3
+
+
+class MarginHead(nn.Module):
+    """Class weights (`per_class` rows per class, class-major) and the inference side every margin head shares:
+    cosines, and logits s·cos θ without a margin. Subclasses give `training_logits(embeddings, labels)`."""
+
+    def __init__(self, embedding_size: int, num_classes: int, s: float, per_class: int = 1) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        _check_sizes(owner, embedding_size, num_classes)
+        check_number(owner, "s", s, "a finite number > 0", lambda v: v > 0)
+        self.embedding_size, self.num_classes, self.s = int(embedding_size), int(num_classes), float(s)
+        self.weight = nn.Parameter(torch.empty(self.num_classes * per_class, self.embedding_size))
+        nn.init.xavier_uniform_(self.weight)
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Plain cosines cos θ (batch, num_classes), fp32, no margin and no scale."""
+        return cosine_similarity(embeddings, self.weight)
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Inference logits s·cos θ: no labels, no margin. Their argmax is the prediction."""
+        return self.s * self.cosine(embeddings)
+
+    def training_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training logits (batch, num_classes), the margin on each row's label column."""
+        return self.training_logits(embeddings, labels)[0]
+
+
+class CombinedMarginHead(MarginHead):
     """The shared margin: training target logit s·ψ(θ_y) with ψ(θ) = cos(m1·θ + m2) − m3 (see module doc)."""
 
     def __init__(
@@ -95,36 +146,23 @@ class CombinedMarginHead(nn.Module):
         m2: float = 0.3,
         m3: float = 0.2,
     ) -> None:
-        super().__init__()
         owner = type(self).__name__
         _check_sizes(owner, embedding_size, num_classes)
         check_number(owner, "s", s, "a finite number > 0", lambda v: v > 0)
         check_number(owner, "m1", m1, "1 ≤ m1 ≤ 10", lambda v: 1.0 <= v <= 10.0)
         check_number(owner, "m2", m2, "0 ≤ m2 < π", lambda v: 0.0 <= v < math.pi)
         check_number(owner, "m3", m3, "0 ≤ m3 ≤ 1", lambda v: 0.0 <= v <= 1.0)
-        self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
-        self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
-        self.theta_max = (math.pi - self.m2) / self.m1  # θ*: past it cos(m1·θ + m2) turns back up
-        self.fallback_shift = max(self.m2 * math.sin(self.m2), 1.0 + math.cos(self.theta_max))
-        self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
-        nn.init.xavier_uniform_(self.weight)
+        super().__init__(embedding_size, num_classes, s)
+        self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
 
-    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Plain cosines cos θ (batch, num_classes), fp32, no margin and no scale."""
-        return cosine_similarity(embeddings, self.weight)
-
-    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Inference logits s·cos θ: no labels, no margin. Their argmax is the prediction."""
-        return self.s * self.cosine(embeddings)
+    @property
+    def margins(self) -> dict[str, float]:
+        """ψ's constants, for psi(cos, **margins) (Partial FC keeps these, not the head)."""
+        return {"m1": self.m1, "m2": self.m2, "m3": self.m3}
 
     def psi(self, cos_target: torch.Tensor) -> torch.Tensor:
         """The margin ψ applied to the target cosines (any shape, fp32)."""
-        if self.m1 == 1.0 and self.m2 == 0.0:  # no angular part: exact, and no acos to differentiate
-            return cos_target - self.m3
-        theta = torch.acos(cos_target.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS))
-        inside = torch.cos(self.m1 * theta + self.m2)
-        outside = cos_target - self.fallback_shift
-        return torch.where(theta <= self.theta_max, inside, outside) - self.m3
+        return psi(cos_target, self.m1, self.m2, self.m3)
 
     def training_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(training logits with the margin, inference logits without), both (batch, num_classes), from one
@@ -133,10 +171,6 @@ class CombinedMarginHead(nn.Module):
         cos = self.cosine(embeddings)
         index = labels.long().unsqueeze(1)
         return self.s * cos.scatter(1, index, self.psi(cos.gather(1, index))), self.s * cos
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Training logits (batch, num_classes): s·cos θ_j, with s·ψ(θ_y) in each row's label column."""
-        return self.training_logits(embeddings, labels)[0]
 
     def extra_repr(self) -> str:
         return (

@@ -35,7 +35,6 @@ full matrix would have had (one process makes them all). Only a checkpoint's ran
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -52,6 +51,7 @@ from arcface_lightning.heads import (
     check_labels,
     cosine_similarity,
     normalize,
+    psi,
 )
 
 AUTO_SHARD_CLASSES = 10_000  # sharded=auto shards from this many classes on, when there is more than one rank
@@ -205,9 +205,7 @@ class PartialFC(nn.Module):
         # the margin's constants only: a reference to the margin head (or its bound psi) would keep its full C × E
         # matrix alive on every rank after shard()
         self.s = margin.s
-        self.margin = SimpleNamespace(
-            **{k: getattr(margin, k) for k in ("m1", "m2", "m3", "theta_max", "fallback_shift")}
-        )
+        self.margins = margin.margins
         self.embedding_size, self.num_classes = margin.embedding_size, margin.num_classes
         self.sample_rate, self.sharded = float(sample_rate), sharded
         self.weight = margin.weight
@@ -226,8 +224,8 @@ class PartialFC(nn.Module):
         self.margin_repr = repr(margin)
 
     def psi(self, cos_target: torch.Tensor) -> torch.Tensor:
-        """The margin head's ψ (heads.CombinedMarginHead.psi), with its constants."""
-        return CombinedMarginHead.psi(self.margin, cos_target)
+        """The margin head's ψ (heads.psi with its constants)."""
+        return psi(cos_target, **self.margins)
 
     # -- sharding and the centres' optimiser state ------------------------------------------------------------
     def shard(self) -> bool:

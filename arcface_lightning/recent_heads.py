@@ -22,9 +22,8 @@ State and DDP:
   are in-place tensor ops, and no tensor is built from host data on the device.
 - Buffers move only in training forwards (`self.training`); validation and test, which also call training_logits
   for their loss, use them as they are.
-- The margin ψ of ArcFace (monotone fallback past θ = π − m) is heads.CombinedMarginHead.psi with m1 = 1, m2 = m,
-  m3 = 0, called on a namespace of its constants (as partial_fc.py does); ElasticFace's per-sample margins use the
-  same formula element-wise (`_arc_psi`).
+- The margin ψ of ArcFace (monotone fallback past θ = π − m) is heads.psi(cos, m2=m), the one function every
+  margin head uses; ElasticFace's per-sample margins go through it element-wise (m2 or m3 a tensor).
 
 Why CurricularFace and not MagFace: MagFace adds a regulariser g(‖z‖) on the feature magnitude to the loss and
 needs the magnitude bounded to [l_a, u_a]. The heads hand logits to the module, which computes plain cross-entropy,
@@ -37,37 +36,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 from arcface_lightning.checks import check_choice, check_int, check_number, is_int, require
-from arcface_lightning.heads import COS_EPS, CombinedMarginHead, _check_sizes, check_labels, cosine_similarity
+from arcface_lightning.heads import COS_EPS, MarginHead, check_labels, cosine_similarity, psi
 
 
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _arc_margin(m: float) -> SimpleNamespace:
-    """The constants CombinedMarginHead.psi reads, for ArcFace's ψ(θ) = cos(θ + m)."""
-    theta_max = math.pi - m
-    return SimpleNamespace(
-        m1=1.0, m2=m, m3=0.0, theta_max=theta_max, fallback_shift=max(m * math.sin(m), 1.0 + math.cos(theta_max))
-    )
-
-
-def _arc_psi(cos_target: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
-    """CombinedMarginHead.psi with m1 = 1, m3 = 0 and a margin per element: cos(θ + m_i) up to θ = π − m_i, then
-    cos θ − max(m_i·sin m_i, 1 − cos m_i), so ψ keeps decreasing."""
-    theta = torch.acos(cos_target.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS))
-    shift = torch.maximum(margins * torch.sin(margins), 1.0 - torch.cos(margins))
-    return torch.where(theta <= math.pi - margins, torch.cos(theta + margins), cos_target - shift)
 
 
 def _target(cos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,31 +71,7 @@ def _global_mean_std(values: torch.Tensor, shift: torch.Tensor) -> tuple[torch.T
     return shift + s1 / n, variance.clamp_min(0).sqrt()
 
 
-class _MarginHead(nn.Module):
-    """Class weights (`per_class` rows per class, class-major) and the inference side every head here shares."""
-
-    def __init__(self, embedding_size: int, num_classes: int, s: float, per_class: int = 1) -> None:
-        super().__init__()
-        owner = type(self).__name__
-        _check_sizes(owner, embedding_size, num_classes)
-        check_number(owner, "s", s, "a finite number > 0", lambda v: v > 0)
-        self.embedding_size, self.num_classes, self.s = int(embedding_size), int(num_classes), float(s)
-        self.weight = nn.Parameter(torch.empty(self.num_classes * per_class, self.embedding_size))
-        nn.init.xavier_uniform_(self.weight)
-
-    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Plain cosines cos θ (batch, num_classes), fp32, no margin and no scale."""
-        return cosine_similarity(embeddings, self.weight)
-
-    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Inference logits s·cos θ: no labels, no margin. Their argmax is the prediction."""
-        return self.s * self.cosine(embeddings)
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.training_logits(embeddings, labels)[0]
-
-
-class SubCenterArcFaceHead(_MarginHead):
+class SubCenterArcFaceHead(MarginHead):
     """Sub-center ArcFace (Deng et al., ECCV 2020): k sub-centres per class, cos θ_j = max_k cos θ_{j,k}, then
     ArcFace's target logit s·cos(θ_y + m) (monotone fallback past θ = π − m). Paper: s = 64, m = 0.5, k = 3.
 
@@ -147,7 +104,6 @@ class SubCenterArcFaceHead(_MarginHead):
         )
         super().__init__(embedding_size, num_classes, s, per_class=k)
         self.m, self.k, self.drop_after_epoch = float(m), int(k), drop_after_epoch
-        self._margin = _arc_margin(self.m)
         self.register_buffer("counts", torch.zeros(self.num_classes, self.k, dtype=torch.int64))
         self.register_buffer("live", torch.ones(self.num_classes, self.k, dtype=torch.bool))
 
@@ -165,7 +121,7 @@ class SubCenterArcFaceHead(_MarginHead):
         index, cos_y = _target(cos, labels)
         if self.training:
             self._count(index, closest.gather(1, index))
-        margin = CombinedMarginHead.psi(self._margin, cos_y)
+        margin = psi(cos_y, m2=self.m)
         return self.s * cos.scatter(1, index, margin), self.s * cos
 
     @torch.no_grad()
@@ -199,7 +155,7 @@ class SubCenterArcFaceHead(_MarginHead):
         )
 
 
-class AdaFaceHead(_MarginHead):
+class AdaFaceHead(MarginHead):
     """AdaFace (Kim, Jain, Liu, CVPR 2022): a margin adapted to image quality through the feature norm ‖z‖.
 
         ẑ = clip(h·(‖z‖ − μ) / (σ + ε), −1, 1),  ‖z‖ clipped to [0.001, 100] and detached, ε = 1e-3
@@ -264,7 +220,7 @@ def _stream_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class ElasticFaceHead(_MarginHead):
+class ElasticFaceHead(MarginHead):
     """ElasticFace (Boutros et al., CVPRW 2022): a margin drawn per sample and training step, m_i ~ N(m, σ).
 
         variant "arc": target logit s·cos(θ_y + m_i) (monotone fallback past θ = π − m_i, as ArcFace)
@@ -345,7 +301,7 @@ class ElasticFaceHead(_MarginHead):
         if self.plus:
             margins = self.rank_margins(margins, cos_y.squeeze(1))
         margins = margins.unsqueeze(1)
-        margin = _arc_psi(cos_y, margins) if self.variant == "arc" else cos_y - margins
+        margin = psi(cos_y, m2=margins) if self.variant == "arc" else psi(cos_y, m3=margins)
         return self.s * cos.scatter(1, index, margin), self.s * cos
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
@@ -360,7 +316,7 @@ class ElasticFaceHead(_MarginHead):
         )
 
 
-class CurricularFaceHead(_MarginHead):
+class CurricularFaceHead(MarginHead):
     """CurricularFace (Huang et al., CVPR 2020): ArcFace's target logit plus hard negatives weighted by an
     adaptive curriculum t.
 
@@ -379,7 +335,6 @@ class CurricularFaceHead(_MarginHead):
         check_number(type(self).__name__, "m", m, "0 ≤ m < π", lambda v: 0.0 <= v < math.pi)
         super().__init__(embedding_size, num_classes, s)
         self.m = float(m)
-        self._margin = _arc_margin(self.m)
         self.register_buffer("t", torch.zeros(()))
 
     def training_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,7 +347,7 @@ class CurricularFaceHead(_MarginHead):
                 self.t.mul_(1.0 - self.T_MOMENTUM).add_(self.T_MOMENTUM * mean)
             boundary = torch.cos(torch.acos(cos_y.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)) + self.m)
         negatives = torch.where(cos > boundary, cos * (self.t + cos), cos)
-        margin = CombinedMarginHead.psi(self._margin, cos_y)
+        margin = psi(cos_y, m2=self.m)
         return self.s * negatives.scatter(1, index, margin), self.s * cos
 
     def extra_repr(self) -> str:

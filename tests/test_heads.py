@@ -207,3 +207,28 @@ def test_softmax_baseline_has_the_same_interface() -> None:
     assert torch.equal(head(embeddings, labels), head.logits(embeddings))
     torch.testing.assert_close(head.logits(embeddings), embeddings @ head.weight.t() + head.linear.bias)
     assert head.cosine(embeddings).shape == (8, 10) and head.weight.shape == (10, 16)
+
+
+def test_psi_is_one_function_for_every_margin_head_scalar_or_per_element() -> None:
+    """heads.psi: the heads' own ψ, and with per-element margins (ElasticFace) each element's scalar ψ; the closed
+    form cos(m1·θ + m2) − m3 inside θ*, cos θ − c − m3 past it, in float64."""
+    from arcface_lightning.heads import psi
+    from arcface_lightning.recent_heads import CurricularFaceHead
+
+    cos = torch.linspace(-0.999, 0.999, 41)
+    for m1, m2, m3 in [(1.0, 0.5, 0.0), (1.0, 0.0, 0.35), (1.5, 0.0, 0.0), (1.2, 0.3, 0.2), (1.0, 2.8, 0.0)]:
+        head = CombinedMarginHead(8, 4, m1=m1, m2=m2, m3=m3)
+        torch.testing.assert_close(head.psi(cos), psi(cos, m1, m2, m3))
+        theta = torch.acos(cos.double())
+        theta_max = (math.pi - m2) / m1
+        shift = max(m2 * math.sin(m2), 1 + math.cos(theta_max))
+        expected = torch.where(theta <= theta_max, torch.cos(m1 * theta + m2), cos.double() - shift) - m3
+        torch.testing.assert_close(psi(cos, m1, m2, m3).double(), expected, atol=2e-6, rtol=0)
+    margins = torch.tensor([0.1, 0.5, 1.0, 2.9]).repeat_interleave(10)[:, None]
+    cos_y = torch.linspace(-0.99, 0.99, 40)[:, None]
+    per_element = psi(cos_y, m2=margins)
+    for i in range(40):
+        torch.testing.assert_close(per_element[i], psi(cos_y[i], m2=float(margins[i])), atol=2e-6, rtol=0)
+    torch.testing.assert_close(psi(cos_y, m3=margins), cos_y - margins)  # no angular part: exactly cos − m
+    curricular = CurricularFaceHead(8, 4, m=0.5)
+    assert not hasattr(curricular, "_margin")  # its ψ is psi(cos, m2=m), no copy of the constants
