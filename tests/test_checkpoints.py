@@ -1,16 +1,16 @@
 """checkpoints.py: the contract written under one key at training time and read from there; a checkpoint of the
-format before that key (tests/data/old_format.ckpt, written by that code) still loads and evaluates to the numbers it
-scored; each command opens a checkpoint file once."""
+format before that key (what a4173b9 and earlier wrote: no `arcface_contract`, thresholds under
+`verification_thresholds`, class names only in the data module's state) still loads and evaluates to the same numbers;
+each command opens a checkpoint file once."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from arcface_lightning.checkpoints import (
     CONTRACT_FORMAT,
@@ -28,24 +28,63 @@ from arcface_lightning.runs import run
 from arcface_lightning.train import train
 from conftest import compose_config
 
-DATA = Path(__file__).parent / "data"
-spec = importlib.util.spec_from_file_location("make_old_checkpoint", DATA / "make_old_checkpoint.py")
-make_old_checkpoint = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(make_old_checkpoint)
 CLASSES = [f"class_{i}" for i in range(10)]
+
+
+def old_format_images(root: Path) -> Path:
+    """10 class folders (`class_0` … `class_9`) of 30 PNGs each: noise plus a bright 6×6 square per class."""
+    rng = np.random.default_rng(1234)
+    for label in range(10):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        row, col = divmod(label, 4)
+        for i in range(30):
+            image = rng.integers(0, 60, size=(28, 28), dtype=np.uint8)
+            image[row * 7 : row * 7 + 6, col * 7 : col * 7 + 6] = 255
+            Image.fromarray(image).save(folder / f"{i:02d}.png")
+    return root
+
+
+OVERRIDES = [
+    "~experiment",
+    "trainer=cpu",
+    "data=image_folder",
+    "data.image_size=28",
+    "data.in_channels=1",
+    "data.mean=[0.5]",
+    "data.std=[0.5]",
+    "data.val_size=60",
+    "data.test_size=60",
+    "data.batch_size=32",
+    "data.eval_batch_size=100",
+    "embedding_size=16",
+    "backbone.channels=[4,8]",
+    "trainer.max_epochs=2",
+    "callbacks.progress_bar.refresh_rate=0",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
+    "seed=0",
+]
+
+
+def as_old_format(saved: dict) -> dict:
+    """A checkpoint dict as the code before the contract key wrote it: the same dict without `arcface_contract`,
+    the thresholds under `verification_thresholds` (the class names stay where they always were, in the data
+    module's state)."""
+    old = {k: v for k, v in saved.items() if k != CONTRACT_KEY}
+    old[THRESHOLDS_KEY] = dict(saved[CONTRACT_KEY]["thresholds"])
+    return old
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The folder the old-format checkpoint was trained on, written again (the same bytes)."""
-    return make_old_checkpoint.old_format_images(tmp_path_factory.mktemp("old_format") / "images")
+    return old_format_images(tmp_path_factory.mktemp("old_format") / "images")
 
 
 @pytest.fixture(scope="module")
 def new_checkpoint(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Today's training on the same folder, with the same settings, for 2 epochs."""
-    overrides = [o for o in make_old_checkpoint.OVERRIDES if not o.startswith("trainer.max_epochs")]
-    cfg = compose_config(*overrides, "trainer.max_epochs=2", f"data.root={images}")
+    """A tiny training on the class folders, 2 epochs."""
+    cfg = compose_config(*OVERRIDES, f"data.root={images}")
     cfg.paths.output_dir = str(tmp_path_factory.mktemp("new_format") / "run")
     record = run(train, cfg)
     assert record["status"] == "ok", record
@@ -78,21 +117,24 @@ def test_a_contract_of_another_format_is_refused_in_one_line(new_checkpoint: Pat
         _ = Checkpoint(tmp_path / "future.ckpt").contract
 
 
-def test_a_checkpoint_of_the_old_format_loads_and_evaluates_to_its_numbers(images: Path, tmp_path: Path) -> None:
-    old = DATA / "old_format.ckpt"
-    saved = torch.load(old, map_location="cpu", weights_only=True)
-    assert CONTRACT_KEY not in saved and THRESHOLDS_KEY in saved  # really the old format
-    contract = Checkpoint(old).contract
-    assert contract.classes == CLASSES and contract.image_size == 28 and contract.in_channels == 1
-    assert contract.thresholds == saved[THRESHOLDS_KEY] and contract.weights_sha256 is not None
-    cfg = compose_config(f"ckpt_path={old}", f"data.root={images}", "trainer=cpu", config_name="eval")
-    cfg.paths.output_dir = str(tmp_path / "eval")
-    record = run(evaluate, cfg)
-    scored = json.loads((DATA / "old_format.json").read_text())["test"]
-    assert record["status"] == "ok", record
-    for name, value in scored.items():
-        assert record[name] == pytest.approx(value, abs=1e-5), name
-    # its export and embeddings carry the derived contract (thresholds, class names) as a new one would
+def test_a_checkpoint_of_the_old_format_loads_and_evaluates_to_its_numbers(new_checkpoint, images, tmp_path) -> None:
+    saved = torch.load(new_checkpoint, map_location="cpu", weights_only=True)
+    torch.save(as_old_format(saved), tmp_path / "old.ckpt")
+    old = tmp_path / "old.ckpt"
+    contract = Checkpoint(old).contract  # derived by contract_of_old_checkpoint
+    assert contract == Checkpoint(new_checkpoint).contract
+    assert contract.classes == CLASSES and contract.thresholds == saved[CONTRACT_KEY]["thresholds"]
+    records = {}
+    for name, path in (("new", new_checkpoint), ("old", old)):
+        cfg = compose_config(f"ckpt_path={path}", f"data.root={images}", "trainer=cpu", config_name="eval")
+        cfg.paths.output_dir = str(tmp_path / f"eval-{name}")
+        records[name] = run(evaluate, cfg)
+        assert records[name]["status"] == "ok", records[name]
+    scores = {k: v for k, v in records["new"].items() if k.startswith("test/")}
+    assert {"test/acc", "test/loss", "test/precision_at_1"} <= set(scores)
+    for name, value in scores.items():
+        assert records["old"][name] == pytest.approx(value, abs=1e-6), name
+    # its embeddings carry the derived contract (thresholds, class names) as a new checkpoint's would
     embed_cfg = compose_config(f"ckpt_path={old}", f"input={images}", f"output={tmp_path / 'e.npz'}", "trainer=cpu",
                                config_name="embed")  # fmt: skip
     embed_cfg.paths.output_dir = str(tmp_path / "embed")
