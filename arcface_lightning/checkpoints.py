@@ -71,11 +71,9 @@ def contract_of_checkpoint(checkpoint: Mapping[str, Any]) -> Contract:
     if not isinstance(entry, Mapping) or entry.get("format") != CONTRACT_FORMAT:
         found = entry.get("format") if isinstance(entry, Mapping) else type(entry).__name__
         raise ModelError(f"its {CONTRACT_KEY} has format {found}; this version reads format {CONTRACT_FORMAT}")
-    fields = {key: entry.get(key) for key in (*PREPROCESSING, "embedding_size", "classes")}
-    if any(fields[key] is None for key in ("image_size", "in_channels", "normalize", "embedding_size")):
+    if any(entry.get(key) is None for key in ("image_size", "in_channels", "normalize", "embedding_size")):
         raise ModelError(f"its {CONTRACT_KEY} lacks the image size, channels or embedding size")
-    thresholds = dict(entry.get("thresholds") or {})
-    return Contract(**fields, thresholds=thresholds, weights_sha256=backbone_fingerprint(checkpoint))
+    return contract_from_entry(entry, checkpoint)
 
 
 def contract_of_old_checkpoint(checkpoint: Mapping[str, Any]) -> Contract:
@@ -88,16 +86,22 @@ def contract_of_old_checkpoint(checkpoint: Mapping[str, Any]) -> Contract:
     if "image_size" not in data or "embedding_size" not in backbone:
         raise ModelError("the checkpoint has no data or backbone settings: not a checkpoint of arcface-lightning")
     classes = next((s["classes"] for k, s in checkpoint.items() if k.endswith("DataModule") and "classes" in s), None)
+    data = {"in_channels": 1, "normalize": True, **data}  # the defaults of the versions that did not save them
     entry = contract_entry(data, backbone["embedding_size"], classes)
+    return contract_from_entry({**entry, "thresholds": checkpoint.get(THRESHOLDS_KEY)}, checkpoint)
+
+
+def contract_from_entry(entry: Mapping[str, Any], checkpoint: Mapping[str, Any]) -> Contract:
+    """A Contract of a CONTRACT_KEY entry (written, or derived from an old checkpoint) and the checkpoint's weights."""
     return Contract(
         image_size=int(entry["image_size"]),
-        in_channels=int(data.get("in_channels", 1)),
-        normalize=bool(data.get("normalize", True)),
+        in_channels=int(entry["in_channels"]),
+        normalize=bool(entry["normalize"]),
         mean=entry["mean"],
         std=entry["std"],
-        embedding_size=entry["embedding_size"],
+        embedding_size=int(entry["embedding_size"]),
         classes=entry["classes"],
-        thresholds=dict(checkpoint.get(THRESHOLDS_KEY) or {}),
+        thresholds=dict(entry.get("thresholds") or {}),
         weights_sha256=backbone_fingerprint(checkpoint),
     )
 

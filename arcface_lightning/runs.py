@@ -37,6 +37,7 @@ from arcface_lightning.checks import (
 from arcface_lightning.config import (
     CONF_DIR,
     check_run_keys,
+    instantiate_node,
     named_error,
     one_line,
     print_config,
@@ -252,8 +253,6 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep:
 def build_trainer(cfg: DictConfig, *extra: Any, configured: bool = True) -> L.Trainer:
     """The Trainer of `cfg.trainer`, with the callbacks and loggers `cfg` configures (`configured`) and `extra`
     callbacks. train, evaluate and embed's prediction assemble it here."""
-    from arcface_lightning.config import instantiate_node
-
     names = (cfg.get("callbacks") or {}) if configured else {}
     callbacks = [instantiate_node(cfg, f"callbacks.{name}") for name in names]
     loggers = [instantiate_node(cfg, f"logger.{name}") for name in cfg.get("logger") or {}] if configured else []
