@@ -19,7 +19,7 @@ ENTRY_POINTS = [f"arcface_lightning.{name}" for name in ("train", "evaluate", "e
                                                           "compare", "pack", "report", "align")]  # fmt: skip
 LAYERS = {
     "the model's parts (no Lightning, no Hydra)": (
-        [f"models.{name}" for name in ("protocol", "heads", "recent_heads", "distributed", "backbones",
+        [f"models.{name}" for name in ("protocol", "heads", "recent_heads", "distributed", "head_memory", "backbones",
                                         "face_backbones", "partial_fc")]
         + ["evaluation.metrics", "evaluation.figures", "serving.checkpoints"],
         ["lightning", "pytorch_lightning", "hydra", "omegaconf", "arcface_lightning.data", "arcface_lightning.training",
