@@ -8,6 +8,10 @@ and run on the meta device: shapes only, no memory and no arithmetic.
 
 from __future__ import annotations
 
+import json
+import pickle
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -246,3 +250,77 @@ def test_configs_compose_and_instantiate(backbone: str, data: str) -> None:
         net = instantiate_node(cfg, "backbone")
         images = torch.empty(2, cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size)
         assert net.eval()(images).shape == (2, cfg.embedding_size)
+
+
+LAYOUTS = json.loads((Path(__file__).parent / "data" / "insightface" / "state_dict_layouts.json").read_text())
+ZOO = {
+    "iresnet18": (IResNet, {"blocks": R18, "embedding_size": 512}),
+    "iresnet50": (IResNet, {"blocks": R50, "embedding_size": 512}),
+    "mbf": (MobileFaceNet, {"embedding_size": 512, "scale": 2}),
+}
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_state_dicts_equal_insightfaces_own_key_for_key(name: str) -> None:
+    """Every key and shape of insightface's arcface_torch backbone, built from its source on the meta device
+    (tests/data/insightface/state_dict_layouts.py wrote them): a model-zoo backbone.pth loads strictly."""
+    build, kwargs = ZOO[name]
+    with torch.device("meta"):
+        model = build(**kwargs)
+    assert {key: list(value.shape) for key, value in model.state_dict().items()} == LAYOUTS[name]
+
+
+def test_checkpoint_path_loads_an_insightface_backbone_strictly(tmp_path: Path) -> None:
+    """A backbone.pth as insightface saves it (a plain state dict) → the same outputs; another architecture or size
+    is one line naming the first key that differs."""
+    torch.manual_seed(0)
+    small = {"blocks": (1, 1, 1, 1), "embedding_size": 32, "image_size": 28, "in_channels": 3}
+    source = IResNet(**small).eval()
+    torch.save(source.state_dict(), tmp_path / "backbone.pth")
+    loaded = IResNet(**small, checkpoint_path=str(tmp_path / "backbone.pth")).eval()
+    images = torch.randn(2, 3, 28, 28)
+    assert torch.equal(loaded(images), source(images))
+    mobile = MobileFaceNet(embedding_size=32, image_size=28, blocks=(1, 1, 1, 1))
+    torch.save(mobile.state_dict(), tmp_path / "mbf.pth")
+    again = MobileFaceNet(embedding_size=32, image_size=28, blocks=(1, 1, 1, 1), checkpoint_path=tmp_path / "mbf.pth")
+    assert all(torch.equal(value, mobile.state_dict()[key]) for key, value in again.state_dict().items())
+    torch.save(IResNet(**{**small, "blocks": (1, 2, 1, 1)}).state_dict(), tmp_path / "deeper.pth")
+    cases = [
+        (small, "deeper.pth", r"it has 'layer2\.1\.bn1\.weight', which this model has not \(\d+ unexpected\)$"),
+        ({**small, "blocks": (2, 1, 1, 1)}, "backbone.pth", r"it lacks 'layer1\.1\.bn1\.weight' \(\d+ missing\)$"),
+        (
+            {**small, "embedding_size": 64},
+            "backbone.pth",
+            r"its 'fc\.weight' is \[32, 2048\], this model's \[64, 2048\]$",
+        ),
+    ]
+    for kwargs, file, message in cases:
+        with pytest.raises(BadValue, match=r"^IResNet: checkpoint_path='.*\.pth' is invalid; allowed: the "
+                                           r"backbone\.pth of this architecture and size: " + message):  # fmt: skip
+            IResNet(**kwargs, checkpoint_path=str(tmp_path / file))
+    (tmp_path / "hostile.pth").write_bytes(pickle.dumps(print))
+    with pytest.raises(BadValue, match=r"^IResNet: checkpoint_path=.* allowed: a state dict file \("):
+        IResNet(**small, checkpoint_path=str(tmp_path / "hostile.pth"))
+    with pytest.raises(BadValue, match=r"allowed: null or an existing insightface backbone\.pth$"):
+        IResNet(**small, checkpoint_path=str(tmp_path / "none.pth"))
+
+
+def test_a_checkpoint_trained_from_insightface_weights_loads_without_them(tmp_path: Path) -> None:
+    """The starting weights are superseded by the checkpoint's own: rebuilding its model neither needs the
+    backbone.pth any more nor reads it (nor would it download timm's `pretrained` weights)."""
+    from arcface_lightning.serving.checkpoints import Checkpoint
+    from arcface_lightning.training.module import ArcFaceModule
+
+    small = {"blocks": [1, 1, 1, 1], "embedding_size": 16, "image_size": 28, "in_channels": 1}
+    torch.save(IResNet(**small).state_dict(), tmp_path / "backbone.pth")
+    backbone = {"_target_": "arcface_lightning.models.face_backbones.IResNet", **small,
+                "checkpoint_path": str(tmp_path / "backbone.pth")}  # fmt: skip
+    head = {"_target_": "arcface_lightning.models.heads.ArcFaceHead", "embedding_size": 16, "num_classes": 10}
+    optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
+    model = ArcFaceModule(backbone=backbone, head=head, optimizer=optimizer)
+    with torch.no_grad():
+        model.backbone.fc.weight.add_(1.0)  # trained: no longer the starting weights
+    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, tmp_path / "run.ckpt")
+    (tmp_path / "backbone.pth").unlink()
+    loaded = Checkpoint(tmp_path / "run.ckpt").module()
+    assert torch.equal(loaded.backbone.fc.weight, model.backbone.fc.weight)

@@ -16,12 +16,14 @@ convolutions (3×3 with padding 1, or 1×1), each giving ⌈side/2⌉: 112 → 7
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from arcface_lightning.core.checks import check_int, check_ints, check_number, is_int, require
+from arcface_lightning.core.checks import BadValue, check_int, check_ints, check_number, first_line, is_int, require
 
 STAGES = 4  # stride-2 stages of both networks
 
@@ -64,6 +66,36 @@ class IBasicBlock(nn.Module):
         return out + (x if self.downsample is None else self.downsample(x))
 
 
+def load_insightface_weights(model: nn.Module, path: str | os.PathLike | None) -> None:
+    """Load an insightface model-zoo backbone (its `backbone.pth`: a plain state dict, read with weights_only) into
+    `model`, strictly: a file of another architecture or size is one line naming its first missing, unexpected or
+    differently shaped key. Not a training checkpoint (serving/checkpoints.py opens those)."""
+    if path is None:
+        return
+    owner = type(model).__name__
+    if not (isinstance(path, (str, os.PathLike)) and Path(path).is_file()):
+        raise BadValue(owner, "checkpoint_path", path, "null or an existing insightface backbone.pth")
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file, or one that would need code to load
+        raise BadValue(owner, "checkpoint_path", path, f"a state dict file ({first_line(error)})") from None
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise BadValue(owner, "checkpoint_path", path, "a state dict (names → tensors), as insightface saves")
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    shaped = [key for key in expected if key in weights and weights[key].shape != expected[key].shape]
+    problem = (
+        f"it lacks {missing[0]!r} ({len(missing)} missing)" if missing
+        else f"it has {unexpected[0]!r}, which this model has not ({len(unexpected)} unexpected)" if unexpected
+        else f"its {shaped[0]!r} is {list(weights[shaped[0]].shape)}, this model's {list(expected[shaped[0]].shape)}"
+        if shaped else None
+    )  # fmt: skip
+    if problem:
+        raise BadValue(owner, "checkpoint_path", path, f"the backbone.pth of this architecture and size: {problem}")
+    model.load_state_dict(weights, strict=True)
+
+
 class IResNet(nn.Module):
     """IResNet: stem conv3×3(64, stride 1) → BN → PReLU; four stages of `IBasicBlock`s with 64, 128, 256, 512
     channels, each opening with a stride-2 block (112 → 56 → 28 → 14 → 7); then the ArcFace "E" output:
@@ -77,6 +109,9 @@ class IResNet(nn.Module):
         blocks: blocks per stage; (2,2,2,2) IResNet-18, (3,4,6,3) -34, (3,4,14,3) -50, (3,13,30,3) -100.
         image_size: the input's side; 112 for aligned face crops (the FC input is then 512·7·7).
         dropout: probability of dropping FC inputs in training (insightface's default: 0).
+        checkpoint_path: an insightface model-zoo `backbone.pth` of the same architecture (`load_insightface_weights`),
+            e.g. its r50 or r100 for fine-tuning, or for evaluate / export with the 112×112 RGB, (x − 127.5) / 127.5
+            contract (data.image_size=112 data.in_channels=3 data.mean=[0.5,0.5,0.5] data.std=[0.5,0.5,0.5]).
     """
 
     def __init__(
@@ -86,6 +121,7 @@ class IResNet(nn.Module):
         image_size: int = 112,
         blocks: Sequence[int] = (3, 4, 14, 3),
         dropout: float = 0.0,
+        checkpoint_path: str | None = None,
     ) -> None:
         super().__init__()
         check_input("IResNet", embedding_size, in_channels, image_size)
@@ -108,6 +144,7 @@ class IResNet(nn.Module):
         nn.init.ones_(self.features.weight)
         self.features.weight.requires_grad_(False)
         self.embedding_size = embedding_size
+        load_insightface_weights(self, checkpoint_path)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.prelu(self.bn1(self.conv1(images)))
@@ -183,6 +220,7 @@ class MobileFaceNet(nn.Module):
         scale: width multiplier of the 64/128-channel stages; the expansion widths (128, 256, 512) stay as they are.
             2 is insightface arcface_torch's "mbf" (with embedding_size 512); blocks (2, 8, 12, 4) with scale 4 its
             "mbf_large".
+        checkpoint_path: an insightface model-zoo `backbone.pth` of the same architecture (as IResNet's).
     """
 
     def __init__(
@@ -192,6 +230,7 @@ class MobileFaceNet(nn.Module):
         image_size: int = 112,
         blocks: Sequence[int] = (1, 4, 6, 2),
         scale: int = 1,
+        checkpoint_path: str | None = None,
     ) -> None:
         super().__init__()
         check_input("MobileFaceNet", embedding_size, in_channels, image_size)
@@ -222,6 +261,7 @@ class MobileFaceNet(nn.Module):
             nn.BatchNorm1d(embedding_size),
         )
         self.embedding_size = embedding_size
+        load_insightface_weights(self, checkpoint_path)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images

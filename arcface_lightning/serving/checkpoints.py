@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 CONTRACT_FORMAT = 1  # the version of the dict under CONTRACT_KEY in a checkpoint
 PREPROCESSING = ("image_size", "in_channels", "normalize", "mean", "std")  # of the data module's settings
+STARTING_WEIGHTS = ("checkpoint_path", "pretrained")  # backbone settings a checkpoint's weights supersede
 
 
 def contract_entry(data_settings: Mapping[str, Any], embedding_size: int, classes: list[str] | None) -> dict[str, Any]:
@@ -183,8 +184,12 @@ class Checkpoint:
             ArcFaceModule,  # Lightning: only where a checkpoint's model is built
         )
 
+        settings = dict(self.data.get("hyper_parameters") or {})
+        if isinstance(settings.get("backbone"), Mapping):  # starting weights: the checkpoint's own replace them, and
+            # the file they came from (or timm's download) need not be there any more
+            settings["backbone"] = {k: v for k, v in settings["backbone"].items() if k not in STARTING_WEIGHTS}
         try:
-            module = build_from_settings(ArcFaceModule, self.data.get("hyper_parameters") or {})
+            module = build_from_settings(ArcFaceModule, settings)
             module.on_load_checkpoint(self.data)
             module.load_state_dict(self.data["state_dict"])
         except Exception as error:  # settings this version cannot build, or weights that do not fit them
