@@ -214,6 +214,16 @@ def test_keys_a_config_does_not_have_are_refused_in_one_line(override: str, mess
     assert str(exit_info.value).startswith(message)
 
 
+def test_a_sweep_config_runs_its_sweep_without_dash_m_and_a_single_run_refuses_one() -> None:
+    """conf/sweep/s_m.yaml sets hydra.mode=MULTIRUN, so `make sweep ARGS="seed=0,1,2"` is a sweep: its first job's
+    config is composed (a bad key inside it is still caught). Without such a config a sweep value is one line."""
+    check_overrides(["sweep=s_m", "seed=0,1,2", "trainer.max_epochs=3", "head.s=2,8,32"], config_name="train")
+    with pytest.raises(SystemExit, match=r"^error: head\.nope: no such key; head has: "):
+        check_overrides(["sweep=s_m", "head.nope=1,2"], config_name="train")
+    with pytest.raises(SystemExit, match=r"^error: seed=0,1,2 is a sweep, and this is a single run; allowed: -m "):
+        check_overrides(["seed=0,1,2"], config_name="train")
+
+
 def test_plugins_that_are_not_installed_name_their_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 

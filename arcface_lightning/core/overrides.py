@@ -99,7 +99,22 @@ def check_overrides(argv: list[str], config_name: str, conf_dir: Path = CONF_DIR
             )
     plain_run = not (args.multirun or args.cfg or args.help or args.hydra_help or args.info or args.shell_completion)
     if plain_run and not (args.config_path or args.config_dir or args.config_name):
-        check_composition(args.overrides, config_name, conf_dir)
+        points = [first_point(parser.parse_override(text), text) for text in args.overrides]
+        sweeps = [text for text, point in zip(args.overrides, points, strict=True) if point != text]
+        check_composition([p for p in points if p is not None], config_name, conf_dir, sweeps)
+
+
+def first_point(override: Override, text: str) -> str | None:
+    """The override as the first job of a sweep sees it (`seed=0,1,2` → `seed=0`); None for a sweep the sweeper
+    draws (interval()); the text itself when it is no sweep."""
+    if not override.is_sweep_override():
+        return text
+    try:
+        value = next(iter(override.sweep_string_iterator()))
+    except Exception:  # interval(), or a glob over a group: nothing to take the first of here
+        return None
+    prefix = text[: len(text) - len(text.lstrip("+~"))]
+    return f"{prefix}{override.get_key_element()}={value}"
 
 
 def check_writable_folder(key: str, folder: str | None) -> None:
@@ -122,15 +137,19 @@ def check_writable_folder(key: str, folder: str | None) -> None:
         ) from None
 
 
-def check_composition(overrides: list[str], config_name: str, conf_dir: Path) -> None:
-    """Compose the config as hydra.main is about to, and say in one line why it does not compose (a key that the
-    config does not have, a value of the wrong type for a typed node)."""
+def check_composition(overrides: list[str], config_name: str, conf_dir: Path, sweeps: list[str] = ()) -> None:
+    """Compose the config as hydra.main is about to (a sweep at its first point: a config such as sweep=s_m may set
+    hydra.mode=MULTIRUN without -m), and say in one line why it does not compose (a key that the config does not
+    have, a value of the wrong type for a typed node, a sweep in a single run)."""
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         try:
             cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as error:
             message = str(error)
         else:
+            if sweeps and str(OmegaConf.select(cfg, "hydra.mode", default=None)) != "RunMode.MULTIRUN":
+                raise SystemExit(f"error: {sweeps[0]} is a sweep, and this is a single run; allowed: -m (or a "
+                                 "config that sets hydra.mode=MULTIRUN, such as sweep=s_m), or one value")  # fmt: skip
             check_writable_folder("hydra.run.dir", OmegaConf.select(cfg, "hydra.run.dir", default=None))
             return
         missing = re.match(r"Could not override '([^']+)'", message)
