@@ -39,13 +39,13 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from arcface_lightning.checks import BadValue
-from arcface_lightning.config import CONF_DIR, ConfigError, one_line, root_cause, selection_metric
-from arcface_lightning.metrics import embedding_metrics, pair_metrics
-from arcface_lightning.module import build_head
+from arcface_lightning.core.checks import BadValue
+from arcface_lightning.core.config import CONF_DIR, ConfigError, one_line, root_cause, selection_metric
+from arcface_lightning.core.runs import entry_point, start
+from arcface_lightning.evaluation.metrics import embedding_metrics, pair_metrics
+from arcface_lightning.evaluation.sweep_jobs import Row, read_jobs
 from arcface_lightning.report import markdown, pyplot, write_csv, written_aside
-from arcface_lightning.runs import entry_point, start
-from arcface_lightning.sweep_jobs import Row, read_jobs
+from arcface_lightning.training.module import build_head
 
 LAUNCHER_EXAMPLE = """'launcher=["hydra/launcher=joblib","hydra.launcher.n_jobs=4"]'"""
 

@@ -36,11 +36,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from arcface_lightning.config import ConfigError
-from arcface_lightning.contract import EXPORT_SUFFIXES, save_embeddings
-from arcface_lightning.inference import embed_files, index_inputs, load_model
-from arcface_lightning.runs import entry_point, start
-from arcface_lightning.writing import check_output
+from arcface_lightning.core.config import ConfigError
+from arcface_lightning.core.runs import entry_point, start
+from arcface_lightning.core.writing import check_output
+from arcface_lightning.serving.contract import EXPORT_SUFFIXES, save_embeddings
+from arcface_lightning.serving.inference import embed_files, index_inputs, load_model
 
 SPLITS = ("train", "val", "test")
 
@@ -65,8 +65,8 @@ def embed(cfg: DictConfig) -> dict[str, Any]:
         sources, labels, classes = index_inputs(cfg.input)
         embeddings = embed_files(model, contract, sources, cfg.data.eval_batch_size)
     else:
-        from arcface_lightning.checkpoints import Checkpoint  # torch and Lightning: only for a checkpoint
-        from arcface_lightning.prediction import predict
+        from arcface_lightning.serving.checkpoints import Checkpoint  # torch and Lightning: only for a checkpoint
+        from arcface_lightning.training.prediction import predict
 
         checkpoint = Checkpoint(ckpt_path)  # opened once, memory-mapped
         contract = checkpoint.contract

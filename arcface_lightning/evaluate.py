@@ -14,7 +14,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from arcface_lightning.runs import build_trainer, check_ckpt_path, entry_point, final_metrics, load_checkpoint, start
+from arcface_lightning.core.runs import (
+    build_trainer,
+    check_ckpt_path,
+    entry_point,
+    final_metrics,
+    load_checkpoint,
+    start,
+)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

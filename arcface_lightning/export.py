@@ -39,13 +39,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from arcface_lightning.checkpoints import Embedder, embedder_from_checkpoint, weights_fingerprint
-from arcface_lightning.checks import ModelError
-from arcface_lightning.config import ConfigError, one_line
-from arcface_lightning.contract import CONTRACT_KEY, INPUT_DTYPE_KEY, Contract
-from arcface_lightning.inference import load_model, reraise_interruption
-from arcface_lightning.runs import entry_point, start
-from arcface_lightning.writing import check_output, written_aside
+from arcface_lightning.core.checks import ModelError
+from arcface_lightning.core.config import ConfigError, one_line
+from arcface_lightning.core.runs import entry_point, start
+from arcface_lightning.core.writing import check_output, written_aside
+from arcface_lightning.serving.checkpoints import Embedder, embedder_from_checkpoint, weights_fingerprint
+from arcface_lightning.serving.contract import CONTRACT_KEY, INPUT_DTYPE_KEY, Contract
+from arcface_lightning.serving.inference import load_model, reraise_interruption
 
 log = logging.getLogger(__name__)
 SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript")}  # what inference.load_model reads

@@ -36,7 +36,7 @@ from typing import Any
 
 from torchvision.io import read_file
 
-from arcface_lightning.checks import OneLineParser, first_line
+from arcface_lightning.core.checks import OneLineParser, first_line
 from arcface_lightning.data.datamodule import ImageDataModule
 from arcface_lightning.data.datasets import DataError
 from arcface_lightning.data.splits import is_size

@@ -36,8 +36,8 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from arcface_lightning.checks import OneLineParser, is_number
-from arcface_lightning.sweep_jobs import Row, read_jobs
+from arcface_lightning.core.checks import OneLineParser, is_number
+from arcface_lightning.evaluation.sweep_jobs import Row, read_jobs
 
 log = logging.getLogger(__name__)
 

@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from arcface_lightning.config import ConfigError
-from arcface_lightning.contract import Embeddings, read_embeddings
+from arcface_lightning.core.config import ConfigError
+from arcface_lightning.core.runs import entry_point, start
+from arcface_lightning.core.writing import check_output, written_aside
 from arcface_lightning.data import DataError
-from arcface_lightning.inference import embed_files, index_inputs, load_model
-from arcface_lightning.runs import entry_point, start
-from arcface_lightning.writing import check_output, written_aside
+from arcface_lightning.serving.contract import Embeddings, read_embeddings
+from arcface_lightning.serving.inference import embed_files, index_inputs, load_model
 
 log = logging.getLogger(__name__)
 

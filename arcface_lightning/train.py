@@ -33,9 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from arcface_lightning.callbacks import ContractInCheckpoint
-from arcface_lightning.checkpoints import Checkpoint
-from arcface_lightning.config import (
+from arcface_lightning.core.config import (
     CONF_DIR,
     REPO_ROOT,
     ConfigError,
@@ -45,9 +43,19 @@ from arcface_lightning.config import (
     register_configs,
     root_cause,
 )
-from arcface_lightning.module import ArcFaceModule
-from arcface_lightning.registry import TargetNotAllowed, check_lr_scheduler, check_part
-from arcface_lightning.runs import build_trainer, check_ckpt_path, entry_point, final_metrics, run, start, write_classes
+from arcface_lightning.core.registry import TargetNotAllowed, check_lr_scheduler, check_part
+from arcface_lightning.core.runs import (
+    build_trainer,
+    check_ckpt_path,
+    entry_point,
+    final_metrics,
+    run,
+    start,
+    write_classes,
+)
+from arcface_lightning.serving.checkpoints import Checkpoint
+from arcface_lightning.training.callbacks import ContractInCheckpoint
+from arcface_lightning.training.module import ArcFaceModule
 
 # beside the hyper-parameters in TensorBoard's HPARAMS tab (by_class runs have no closed-set accuracy)
 HPARAMS_METRICS = ("val/acc_best", "val/precision_at_1_best", "test/acc", "test/acc_margin", "test/precision_at_1")

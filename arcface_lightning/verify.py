@@ -28,12 +28,12 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from arcface_lightning.checks import ModelError
-from arcface_lightning.config import ConfigError
-from arcface_lightning.contract import far_key
+from arcface_lightning.core.checks import ModelError
+from arcface_lightning.core.config import ConfigError
+from arcface_lightning.core.runs import entry_point, start
 from arcface_lightning.data.files import read_image
-from arcface_lightning.inference import load_model
-from arcface_lightning.runs import entry_point, start
+from arcface_lightning.serving.contract import far_key
+from arcface_lightning.serving.inference import load_model
 
 log = logging.getLogger(__name__)
 SMALL_IMAGE_FRACTION = 0.5  # of image_size: a shorter side below it is resized up more than 2×

@@ -41,8 +41,8 @@ def write_digits(root: Path, mnist: str, n: int) -> Path:
 
 def where_time_goes(folder: Path) -> str:
     """Per image, in this process, one thread: decode (Pillow for PNG), collate, and the seed network's step."""
-    from arcface_lightning.backbones import SimpleCNN
     from arcface_lightning.data.files import read_image
+    from arcface_lightning.models.backbones import SimpleCNN
 
     torch.set_num_threads(1)
     files = sorted(str(p) for p in folder.rglob("*.png"))[:2000]

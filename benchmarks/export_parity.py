@@ -16,11 +16,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from arcface_lightning.checkpoints import Embedder
-from arcface_lightning.config import register_configs
-from arcface_lightning.contract import Contract
+from arcface_lightning.core.config import register_configs
 from arcface_lightning.export import export_model
-from arcface_lightning.inference import load_model
+from arcface_lightning.serving.checkpoints import Embedder
+from arcface_lightning.serving.contract import Contract
+from arcface_lightning.serving.inference import load_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 SIZES = {"resnet18": (3, 32)}  # (channels, image size): the CIFAR stem's data; the CNNs take MNIST's 1×28×28

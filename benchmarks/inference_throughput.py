@@ -30,11 +30,11 @@ import onnxruntime as ort
 import torch
 from common import machine
 
-from arcface_lightning.backbones import SimpleCNN
-from arcface_lightning.checkpoints import Embedder, embedder_from_checkpoint
-from arcface_lightning.contract import Contract
 from arcface_lightning.export import export_model
-from arcface_lightning.inference import load_model
+from arcface_lightning.models.backbones import SimpleCNN
+from arcface_lightning.serving.checkpoints import Embedder, embedder_from_checkpoint
+from arcface_lightning.serving.contract import Contract
+from arcface_lightning.serving.inference import load_model
 
 Runner = Callable[[np.ndarray], object]
 EAGER = "eager PyTorch (inference_mode)"

@@ -1,4 +1,4 @@
-"""Partial FC (arcface_lightning/partial_fc.py) against the plain full head: the FC layer alone, no backbone.
+"""Partial FC (arcface_lightning/models/partial_fc.py) against the plain full head: the FC layer alone, no backbone.
 
 Embeddings are random float32 (E = 512, requiring grad), labels random over C classes, 128 rows per process; the
 margin is ArcFaceHead(s=64, m=0.5); the centres step with SGD(lr=0.1, momentum=0.9, weight_decay=5e-4). Per C:
@@ -45,8 +45,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from common import machine
 
-from arcface_lightning.module import build_head
-from arcface_lightning.partial_fc import ROW_BLOCK_ELEMENTS
+from arcface_lightning.models.distributed import ROW_BLOCK_ELEMENTS
+from arcface_lightning.training.module import build_head
 
 E, B, GIB = 512, 128, 2**30
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -99,7 +99,9 @@ def one_rank(rank: int, kind: str, classes: int, rate: float, world: int, steps:
     resource.setrlimit(resource.RLIMIT_AS, (mapped() + share, resource.RLIM_INFINITY))
     try:
         torch.manual_seed(0)  # the same centres on every rank (each makes its rows of them)
-        config = dict(_target_="arcface_lightning.heads.ArcFaceHead", embedding_size=E, num_classes=classes, s=64.0)
+        config = dict(
+            _target_="arcface_lightning.models.heads.ArcFaceHead", embedding_size=E, num_classes=classes, s=64.0
+        )
         config.update(m=0.5, **(dict(sample_rate=rate, sharded=world > 1) if kind == "pfc" else {}))
         head = build_head(config)
         if kind == "full":
@@ -120,7 +122,7 @@ def one_rank(rank: int, kind: str, classes: int, rate: float, world: int, steps:
                 F.cross_entropy(head(x, y), y).backward()
                 optimizer.step()
             else:
-                loss = head(x, y)["loss"]
+                loss = head(x, y).loss
                 head.attach(optimizer)
                 loss.backward()
                 optimizer.step()

@@ -17,9 +17,9 @@ from statistics import median
 import torch
 from common import machine
 
-from arcface_lightning.backbones import SimpleCNN
 from arcface_lightning.data.augment import BatchPreparation, settings
-from arcface_lightning.heads import ArcFaceHead
+from arcface_lightning.models.backbones import SimpleCNN
+from arcface_lightning.models.heads import ArcFaceHead
 
 CANDIDATES = {  # name: (channels, convs_per_block, batch, channels_last, precision)
     "default [32,64,128] b128 NHWC": ((32, 64, 128), 1, 128, True, "32"),

@@ -69,9 +69,9 @@ def one_throughput(variant: str, data: str, batches: int, batch_size: int) -> tu
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from arcface_lightning.config import CONF_DIR, register_configs
-    from arcface_lightning.module import ArcFaceModule
+    from arcface_lightning.core.config import CONF_DIR, register_configs
     from arcface_lightning.train import build
+    from arcface_lightning.training.module import ArcFaceModule
 
     register_configs()
     warm = 20  # steps before the clocks start, in both: first-call costs are no throughput
@@ -177,8 +177,8 @@ def flop_floor(images_per_epoch: int = 55_000, batch: int = 64) -> None:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from arcface_lightning.backbones import SimpleCNN
-    from arcface_lightning.heads import ArcFaceHead
+    from arcface_lightning.models.backbones import SimpleCNN
+    from arcface_lightning.models.heads import ArcFaceHead
 
     backbone, head = SimpleCNN(), ArcFaceHead(embedding_size=128, num_classes=10, s=30.0, m=0.5)
     images, labels = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))

@@ -98,9 +98,9 @@ def digits(data_dir: str | None, n: int) -> tuple[np.ndarray, str]:
 def make_inputs(work: Path, data_dir: str | None) -> dict[str, str]:
     """The checkpoint and its .onnx (through the command line), the PNGs, and the two embeddings files."""
     try:
-        from arcface_lightning.contract import Contract, save_embeddings
+        from arcface_lightning.serving.contract import Contract, save_embeddings
     except ImportError:  # a checkout from before contract.py (measured as "before")
-        from arcface_lightning.inference import Contract, save_embeddings
+        from arcface_lightning.serving.inference import Contract, save_embeddings
 
     raw = work / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)

@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from torchvision import datasets
 
-from arcface_lightning.config import register_configs
+from arcface_lightning.core.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -191,7 +191,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     Made once for all the workers (once_per_session); the tests only read its files."""
 
     def make(root: Path) -> dict:
-        from arcface_lightning.runs import run
+        from arcface_lightning.core.runs import run
         from arcface_lightning.train import train
 
         data = write_mnist(root / "data")

@@ -19,44 +19,28 @@ ENTRY_POINTS = [f"arcface_lightning.{name}" for name in ("train", "evaluate", "e
                                                           "compare", "pack", "report")]  # fmt: skip
 LAYERS = {
     "the model's parts (no Lightning, no Hydra)": (
-        ["heads", "recent_heads", "backbones", "face_backbones", "partial_fc", "metrics", "figures", "checkpoints"],
-        ["lightning", "pytorch_lightning", "hydra", "omegaconf", "arcface_lightning.data", *ENTRY_POINTS],
+        [f"models.{name}" for name in ("protocol", "heads", "recent_heads", "distributed", "backbones",
+                                        "face_backbones", "partial_fc")]
+        + ["evaluation.metrics", "evaluation.figures", "serving.checkpoints"],
+        ["lightning", "pytorch_lightning", "hydra", "omegaconf", "arcface_lightning.data", "arcface_lightning.training",
+         *ENTRY_POINTS],
     ),
     "the data path (no Lightning, no Hydra, not the model)": (
-        [
-            "data.datasets",
-            "data.splits",
-            "data.pairs",
-            "data.settings",
-            "data.tensors",
-            "data.augment",
-            "data.images",
-            "data.files",
-        ],
-        ["lightning", "hydra", "arcface_lightning.module", "arcface_lightning.heads", *ENTRY_POINTS],
+        [f"data.{name}" for name in ("datasets", "splits", "pairs", "settings", "tensors", "augment", "images",
+                                     "files")],
+        ["lightning", "hydra", "arcface_lightning.models", "arcface_lightning.training", *ENTRY_POINTS],
     ),
     "the serving core and commands (no torch)": (
-        [
-            "checks",
-            "config",
-            "overrides",
-            "runs",
-            "registry",
-            "contract",
-            "writing",
-            "inference",
-            "data.files",
-            "embed",
-            "search",
-            "verify",
-        ],
-        ["torch", "lightning", "torchvision", "timm", "litdata", "torchmetrics", "arcface_lightning.module"],
+        [f"core.{name}" for name in ("checks", "config", "overrides", "runs", "registry", "writing")]
+        + ["serving.contract", "serving.inference", "data.files", "embed", "search", "verify"],
+        ["torch", "lightning", "torchvision", "timm", "litdata", "torchmetrics", "arcface_lightning.training"],
     ),
     "the LightningModule (not the data path, nor the entry points)": (
-        ["module"],
-        ["arcface_lightning.data", "arcface_lightning.data.datamodule", "arcface_lightning.figures", *ENTRY_POINTS],
+        ["training.module"],
+        ["arcface_lightning.data", "arcface_lightning.data.datamodule", "arcface_lightning.evaluation.figures",
+         *ENTRY_POINTS],
     ),
-}
+}  # fmt: skip
 
 PROBE = """
 import importlib, json, sys
@@ -107,12 +91,15 @@ def test_each_command_runs_through_the_shared_runner_and_its_help_says_what_it_n
     runs.start, in one place for every command."""
     import importlib
 
-    from arcface_lightning.checks import ConfigError
-    from arcface_lightning.runs import start
+    from arcface_lightning.core.checks import ConfigError
+    from arcface_lightning.core.runs import start
     from conftest import cli, compose_config
 
     module = importlib.import_module(f"arcface_lightning.{command}")
-    assert module.cli.__module__ == "arcface_lightning.runs" and module.main.__wrapped__.__name__ in (command, "train")
+    assert module.cli.__module__ == "arcface_lightning.core.runs" and module.main.__wrapped__.__name__ in (
+        command,
+        "train",
+    )
     cfg = compose_config(config_name=HYDRA_COMMANDS[command])
     usage = cfg.get("usage") or f"python -m arcface_lightning.{command} key=value ..."
     result = cli(command, "--help")
@@ -123,3 +110,18 @@ def test_each_command_runs_through_the_shared_runner_and_its_help_says_what_it_n
     if required:
         with pytest.raises(ConfigError, match=f"^{re.escape(f'{required[0]} is required: {usage}')}$"):
             start(cfg)
+
+
+def test_the_package_exports_its_public_classes_without_importing_torch() -> None:
+    """`from arcface_lightning import X` for each public class, and the package itself imports nothing heavy."""
+    import arcface_lightning
+
+    for name in arcface_lightning.__all__:
+        found = getattr(arcface_lightning, name)
+        assert found.__name__ == name and found.__module__ == f"arcface_lightning.{arcface_lightning.PUBLIC[name]}"
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchHead'"):
+        arcface_lightning.NoSuchHead  # noqa: B018
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = "import arcface_lightning, sys; print([m for m in ('torch', 'lightning', 'hydra') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr[-2000:]

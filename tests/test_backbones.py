@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arcface_lightning.backbones import ResNet, SimpleCNN
+from arcface_lightning.models.backbones import ResNet, SimpleCNN
 
 
 def test_simple_cnn_defaults_are_the_seed_network() -> None:

@@ -12,19 +12,19 @@ import pytest
 import torch
 from PIL import Image
 
-from arcface_lightning.checkpoints import (
+from arcface_lightning.core.checks import ModelError
+from arcface_lightning.core.runs import run
+from arcface_lightning.embed import embed
+from arcface_lightning.evaluate import evaluate
+from arcface_lightning.export import export
+from arcface_lightning.serving.checkpoints import (
     CONTRACT_FORMAT,
     Checkpoint,
     contract_of_checkpoint,
     contract_of_old_checkpoint,
 )
-from arcface_lightning.checks import ModelError
-from arcface_lightning.contract import CONTRACT_KEY, THRESHOLDS_KEY, read_embeddings
-from arcface_lightning.embed import embed
-from arcface_lightning.evaluate import evaluate
-from arcface_lightning.export import export
-from arcface_lightning.inference import load_model
-from arcface_lightning.runs import run
+from arcface_lightning.serving.contract import CONTRACT_KEY, THRESHOLDS_KEY, read_embeddings
+from arcface_lightning.serving.inference import load_model
 from arcface_lightning.train import train
 from conftest import compose_config
 
@@ -70,9 +70,14 @@ OVERRIDES = [
 def as_old_format(saved: dict) -> dict:
     """A checkpoint dict as the code before the contract key wrote it: the same dict without `arcface_contract`,
     the thresholds under `verification_thresholds` (the class names stay where they always were, in the data
-    module's state)."""
+    module's state), and the backbone and head named at their paths before the package was grouped."""
     old = {k: v for k, v in saved.items() if k != CONTRACT_KEY}
     old[THRESHOLDS_KEY] = dict(saved[CONTRACT_KEY]["thresholds"])
+    hparams = old["hyper_parameters"] = dict(saved["hyper_parameters"])
+    for part in ("backbone", "head"):
+        target = hparams[part]["_target_"]
+        assert target.startswith("arcface_lightning.models."), target
+        hparams[part] = {**hparams[part], "_target_": target.replace("arcface_lightning.models.", "arcface_lightning.")}
     return old
 
 

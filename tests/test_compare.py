@@ -203,7 +203,7 @@ SELECT = "val/acc_best (the validation score of the checkpoint each job tests, w
 )
 def test_bad_settings_are_refused_in_one_line_before_any_training(tmp_path, monkeypatch, overrides, message) -> None:
     from arcface_lightning import compare as module
-    from arcface_lightning.runs import run
+    from arcface_lightning.core.runs import run
 
     monkeypatch.setattr(module, "multirun", lambda *args: pytest.fail("a multirun was launched"))
     cfg = compose_config(*overrides, config_name="compare")

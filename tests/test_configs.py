@@ -12,9 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torchvision.io import write_png
 
-from arcface_lightning.config import native_bf16_precision, register_configs
-from arcface_lightning.module import build_head
+from arcface_lightning.core.config import native_bf16_precision, register_configs
 from arcface_lightning.train import build
+from arcface_lightning.training.module import build_head
 from conftest import CONF, cli, compose_config
 
 OPTIONS = {

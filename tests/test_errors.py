@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from arcface_lightning.config import ConfigError
+from arcface_lightning.core.config import ConfigError
+from arcface_lightning.core.overrides import check_overrides, upgrade_overrides
+from arcface_lightning.core.runs import run
 from arcface_lightning.evaluate import evaluate
-from arcface_lightning.overrides import check_overrides, upgrade_overrides
-from arcface_lightning.runs import run
 from arcface_lightning.train import train
 from conftest import CONF, cli, compose_config, tiny_config
 

@@ -20,17 +20,17 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from arcface_lightning.checkpoints import (
+from arcface_lightning.core.checks import ModelError
+from arcface_lightning.core.runs import run
+from arcface_lightning.export import export, export_model
+from arcface_lightning.serving.checkpoints import (
     Embedder,
     contract_of_checkpoint,
     embedder_from_checkpoint,
     weights_fingerprint,
 )
-from arcface_lightning.checks import ModelError
-from arcface_lightning.contract import Contract
-from arcface_lightning.export import export, export_model
-from arcface_lightning.inference import load_model
-from arcface_lightning.runs import run
+from arcface_lightning.serving.contract import Contract
+from arcface_lightning.serving.inference import load_model
 from conftest import CONF, cli, compose_config
 
 # every backbone class (iresnet50 and iresnet100 are iresnet18's class with more blocks: the same operators)

@@ -13,10 +13,10 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from arcface_lightning.backbones import TimmBackbone
-from arcface_lightning.checks import BadValue
-from arcface_lightning.config import instantiate_node
-from arcface_lightning.face_backbones import IResNet, MobileFaceNet
+from arcface_lightning.core.checks import BadValue
+from arcface_lightning.core.config import instantiate_node
+from arcface_lightning.models.backbones import TimmBackbone
+from arcface_lightning.models.face_backbones import IResNet, MobileFaceNet
 from conftest import compose_config
 
 # insightface recognition/arcface_torch/README.md, "ViT For Face Recognition" table, FLOPs column (G). Its flops.py

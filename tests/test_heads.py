@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from arcface_lightning.heads import ArcFaceHead, CombinedMarginHead, CosFaceHead, SoftmaxHead, SphereFaceHead
+from arcface_lightning.models.heads import ArcFaceHead, CombinedMarginHead, CosFaceHead, SoftmaxHead, SphereFaceHead
 
 
 def reference_logits(head: CombinedMarginHead, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -212,8 +212,8 @@ def test_softmax_baseline_has_the_same_interface() -> None:
 def test_psi_is_one_function_for_every_margin_head_scalar_or_per_element() -> None:
     """heads.psi: the heads' own ψ, and with per-element margins (ElasticFace) each element's scalar ψ; the closed
     form cos(m1·θ + m2) − m3 inside θ*, cos θ − c − m3 past it, in float64."""
-    from arcface_lightning.heads import psi
-    from arcface_lightning.recent_heads import CurricularFaceHead
+    from arcface_lightning.models.heads import psi
+    from arcface_lightning.models.recent_heads import CurricularFaceHead
 
     cos = torch.linspace(-0.999, 0.999, 41)
     for m1, m2, m3 in [(1.0, 0.5, 0.0), (1.0, 0.0, 0.35), (1.5, 0.0, 0.0), (1.2, 0.3, 0.2), (1.0, 2.8, 0.0)]:

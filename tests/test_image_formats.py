@@ -20,13 +20,13 @@ import torch
 from PIL import Image
 from test_images import digits
 
-from arcface_lightning.checks import first_line
+from arcface_lightning.core.checks import first_line
+from arcface_lightning.core.runs import run
 from arcface_lightning.data import DataError, ImageDataModule, files
 from arcface_lightning.data.files import scan_folder
 from arcface_lightning.data.images import ImageFiles
 from arcface_lightning.data.streaming import StreamingDataModule
 from arcface_lightning.pack import pack
-from arcface_lightning.runs import run
 from arcface_lightning.train import train
 from conftest import tiny_config
 

@@ -17,12 +17,12 @@ import torch
 from torchvision.io import encode_png, write_png
 from torchvision.transforms.v2 import functional as TF
 
-from arcface_lightning.checks import first_line
+from arcface_lightning.core.checks import first_line
+from arcface_lightning.core.runs import run
 from arcface_lightning.data import DataError, ImageDataModule, files
 from arcface_lightning.data.files import read_list, scan_folder
 from arcface_lightning.data.images import ImageFiles
 from arcface_lightning.evaluate import evaluate
-from arcface_lightning.runs import run
 from arcface_lightning.train import train
 from conftest import class_images, compose_config, tiny_config, write_mnist
 

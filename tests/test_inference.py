@@ -10,12 +10,12 @@ import pytest
 import torch
 from test_images import digits, write_folder
 
-from arcface_lightning.checkpoints import contract_of_checkpoint, embedder_from_checkpoint
-from arcface_lightning.contract import Contract, read_embeddings
+from arcface_lightning.core.runs import run
 from arcface_lightning.embed import embed
-from arcface_lightning.inference import index_inputs
-from arcface_lightning.metrics import sample_pairs, threshold_at_far
-from arcface_lightning.runs import run
+from arcface_lightning.evaluation.metrics import sample_pairs, threshold_at_far
+from arcface_lightning.serving.checkpoints import contract_of_checkpoint, embedder_from_checkpoint
+from arcface_lightning.serving.contract import Contract, read_embeddings
+from arcface_lightning.serving.inference import index_inputs
 from arcface_lightning.verify import verify
 from conftest import cli_process, compose_config
 

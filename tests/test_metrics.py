@@ -7,7 +7,12 @@ import itertools
 import pytest
 import torch
 
-from arcface_lightning.metrics import embedding_metrics, retrieval_metrics, sample_pairs, verification_metrics
+from arcface_lightning.evaluation.metrics import (
+    embedding_metrics,
+    retrieval_metrics,
+    sample_pairs,
+    verification_metrics,
+)
 
 
 def clusters(n_per_class: int, classes: int, dim: int, spread: float, seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -11,10 +11,10 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.model_summary import ModelSummary
 
-from arcface_lightning import heads
-from arcface_lightning.module import ArcFaceModule, DivergedError
+from arcface_lightning.models import heads
 from arcface_lightning.train import build
 from arcface_lightning.train import train as run_train
+from arcface_lightning.training.module import ArcFaceModule, DivergedError
 
 
 def test_a_training_step_moves_head_and_backbone(make_cfg) -> None:
@@ -89,8 +89,8 @@ def test_onecycle_gets_total_steps_from_the_trainer(make_cfg) -> None:
 def test_module_works_in_a_plain_trainer(make_cfg) -> None:
     cfg = make_cfg()
     model = ArcFaceModule(
-        backbone={"_target_": "arcface_lightning.backbones.SimpleCNN", "embedding_size": 8, "channels": [4, 8]},
-        head={"_target_": "arcface_lightning.heads.CosFaceHead", "embedding_size": 8, "num_classes": 10},
+        backbone={"_target_": "arcface_lightning.models.backbones.SimpleCNN", "embedding_size": 8, "channels": [4, 8]},
+        head={"_target_": "arcface_lightning.models.heads.CosFaceHead", "embedding_size": 8, "num_classes": 10},
         optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
     )
     trainer = L.Trainer(fast_dev_run=2, accelerator="cpu", enable_progress_bar=False, logger=False)
@@ -100,8 +100,12 @@ def test_module_works_in_a_plain_trainer(make_cfg) -> None:
 
 def test_channels_last_is_a_memory_layout_not_a_different_model() -> None:
     config = {
-        "backbone": {"_target_": "arcface_lightning.backbones.SimpleCNN", "embedding_size": 8, "batch_norm": True},
-        "head": {"_target_": "arcface_lightning.heads.ArcFaceHead", "embedding_size": 8, "num_classes": 10},
+        "backbone": {
+            "_target_": "arcface_lightning.models.backbones.SimpleCNN",
+            "embedding_size": 8,
+            "batch_norm": True,
+        },
+        "head": {"_target_": "arcface_lightning.models.heads.ArcFaceHead", "embedding_size": 8, "num_classes": 10},
         "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True},
     }
     nhwc, nchw = ArcFaceModule(**config, channels_last=True), ArcFaceModule(**config, channels_last=False)
@@ -211,8 +215,8 @@ def test_the_module_takes_live_parts_without_hydra(make_cfg, tmp_path: Path) -> 
     """A notebook user passes nn.Modules and an optimizer factory; the checkpoint then needs them passed again."""
     from functools import partial
 
-    from arcface_lightning.backbones import SimpleCNN
-    from arcface_lightning.heads import CosFaceHead
+    from arcface_lightning.models.backbones import SimpleCNN
+    from arcface_lightning.models.heads import CosFaceHead
 
     model = ArcFaceModule(
         backbone=SimpleCNN(embedding_size=8, channels=[4, 8]),
@@ -232,7 +236,7 @@ def test_the_module_takes_live_parts_without_hydra(make_cfg, tmp_path: Path) -> 
 
 def test_the_model_is_a_config_group_whose_checkpoints_rebuild_alone(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("head=cosface", "head.s=12", "evaluation.max_pairs=500")
-    assert cfg.model._target_ == "arcface_lightning.module.ArcFaceModule"
+    assert cfg.model._target_ == "arcface_lightning.training.module.ArcFaceModule"
     _, model, trainer = build(cfg)
     assert (
         model.hparams.head["s"] == 12
@@ -257,3 +261,79 @@ def test_predict_returns_unit_embeddings_and_labels(make_cfg) -> None:
     with torch.no_grad():  # the same as the module's own forward pass on the prepared images
         images = datamodule.prepare(next(iter(datamodule.test_dataloader()))[0])
         torch.testing.assert_close(embeddings[:100], torch.nn.functional.normalize(model(images)), atol=1e-5, rtol=0)
+
+
+def test_a_new_head_is_one_class_whose_hooks_the_module_calls(make_cfg, tmp_path: Path) -> None:
+    """The head protocol (models/protocol.py): a head written outside the project, subclassing `Head`, gets every
+    hook at its moment, with the module knowing nothing of it: its per-rank parameter is neither averaged by DDP
+    nor in the model's optimiser group, its own group comes after, and the checkpoint holds what `whole_state`
+    wrote. A module that is no `Head` is refused with one line."""
+    from functools import partial
+
+    from arcface_lightning.core.checks import BadValue
+    from arcface_lightning.models.backbones import SimpleCNN
+    from arcface_lightning.models.protocol import Head, HeadStep
+
+    class CountingHead(Head):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_classes = 10
+            self.weight = torch.nn.Parameter(torch.randn(10, 8))
+            self.local = torch.nn.Parameter(torch.zeros(3))  # stands for a rank's own rows
+            self.calls: list[str] = []
+
+        def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+            return heads.normalize(embeddings) @ heads.normalize(self.weight).t()
+
+        def step(self, embeddings: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> HeadStep:
+            self.calls.append("step train" if self.training else "step eval")
+            logits = 10 * self.logits(embeddings)
+            preds = logits.detach().argmax(1)
+            return HeadStep(torch.nn.functional.cross_entropy(logits, labels), preds, preds)
+
+        def setup_distributed(self, accumulate_grad_batches: int = 1) -> None:
+            self.calls.append(f"setup {accumulate_grad_batches}")
+
+        def attach(self, optimizer: torch.optim.Optimizer) -> None:
+            self.calls.append(f"attach {len(optimizer.param_groups)}")
+
+        def write_back(self, optimizer: torch.optim.Optimizer) -> None:
+            self.calls.append("write_back")
+
+        def end_of_epoch(self, epoch: int) -> None:
+            self.calls.append(f"end_of_epoch {epoch}")
+
+        def rank_local_parameters(self) -> list[str]:
+            return ["local"]
+
+        def optimizer_groups(self) -> list[dict]:
+            return [{"params": [self.local], "lr": 0.5}]
+
+        def whole_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+            state[f"{prefix}local"] = torch.full((3,), 7.0)
+
+    head = CountingHead()
+    model = ArcFaceModule(
+        backbone=SimpleCNN(embedding_size=8, channels=[4, 8]), head=head, optimizer=partial(torch.optim.SGD, lr=0.1)
+    )
+    assert model._ddp_params_and_buffers_to_ignore == ["head.local"]
+    trainer = L.Trainer(
+        max_epochs=2, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", enable_progress_bar=False,
+        logger=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=instantiate(make_cfg().data))
+    train = ["step train", "attach 2", "write_back"]
+    assert head.calls == ["setup 1", *train, *train, "step eval", "end_of_epoch 0", *train, *train, "step eval",
+                          "end_of_epoch 1"]  # fmt: skip
+    groups = trainer.optimizers[0].param_groups
+    assert [p is head.local for p in groups[1]["params"]] == [True] and groups[1]["lr"] == 0.5
+    assert all(p is not head.local for p in groups[0]["params"]) and any(p is head.weight for p in groups[0]["params"])
+    trainer.save_checkpoint(tmp_path / "head.ckpt")
+    saved = torch.load(tmp_path / "head.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(saved["head.local"], torch.full((3,), 7.0))
+    allowed = r"a subclass of arcface_lightning\.models\.protocol\.Head$"
+    with pytest.raises(
+        BadValue,
+        match=r"^ArcFaceModule: head='Linear' is invalid; allowed: " + allowed,
+    ):
+        ArcFaceModule(backbone=SimpleCNN(embedding_size=8), head=torch.nn.Linear(8, 10), optimizer=torch.optim.SGD)

@@ -182,7 +182,7 @@ def check_inference(notebook: nbformat.NotebookNode, ckpt: Path, data: Path, gal
     model gives on the same images (recomputed here in float64)."""
     from torchvision.datasets import MNIST
 
-    from arcface_lightning.checkpoints import embedder_from_checkpoint
+    from arcface_lightning.serving.checkpoints import embedder_from_checkpoint
 
     shown = numbers(notebook)
     assert shown["onnx_vs_eager_max_abs_diff"][0] <= 1e-4

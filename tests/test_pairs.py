@@ -12,11 +12,11 @@ import torch
 from test_images import digits, write_folder
 from torchvision.io import write_png
 
+from arcface_lightning.core.runs import run
 from arcface_lightning.data import DataError
 from arcface_lightning.data.pairs import read_pairs
 from arcface_lightning.evaluate import evaluate
-from arcface_lightning.metrics import pair_metrics
-from arcface_lightning.runs import run
+from arcface_lightning.evaluation.metrics import pair_metrics
 from arcface_lightning.train import train
 from conftest import compose_config, tiny_config
 

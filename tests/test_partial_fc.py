@@ -31,9 +31,9 @@ from ranks import free_port, join, leave
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from arcface_lightning import partial_fc
-from arcface_lightning.heads import ArcFaceHead, CosFaceHead
-from arcface_lightning.partial_fc import CentreRows, PartialFC, shard_bounds
+from arcface_lightning.models import distributed
+from arcface_lightning.models.heads import ArcFaceHead, CosFaceHead
+from arcface_lightning.models.partial_fc import CentreRows, PartialFC, shard_bounds
 
 C, E, B = 11, 6, 4  # classes, embedding size, rows per rank
 TOL = dict(rtol=0, atol=1e-6)
@@ -86,7 +86,7 @@ class LargestTensor(TorchDispatchMode):
 def sharded_start_up(rank: int, world: int) -> None:
     """A rank builds the head on the meta device and makes its rows at shard(): exactly the full head's rows, never
     a tensor of C × E values, the generator where the full init leaves it; rank zero gathers the whole matrix."""
-    partial_fc.ROW_BLOCK_ELEMENTS = 2 * E  # blocks of 2 rows: smaller than every rank's share
+    distributed.ROW_BLOCK_ELEMENTS = 2 * E  # blocks of 2 rows: smaller than every rank's share
     torch.manual_seed(5)
     full = ArcFaceHead(E, C)
     after_full = torch.get_rng_state()
@@ -120,20 +120,20 @@ def one_rank(rank: int, world: int, port: int) -> None:
     rows = slice(rank * B, (rank + 1) * B)
     local_x = x[rows].clone().requires_grad_()
     out = pfc(local_x, y[rows])
-    out["loss"].backward()
-    torch.testing.assert_close(out["loss"].detach(), expected["loss"], **LOSS_TOL)
-    torch.testing.assert_close(out["probs"], expected["probs"][:, pfc.start : pfc.end], **TOL)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.detach(), expected["loss"], **LOSS_TOL)
+    torch.testing.assert_close(out.probs, expected["probs"][:, pfc.start : pfc.end], **TOL)
     # the embeddings' gradient carries the world size (DDP averages the backbone's): see partial_fc.py
     torch.testing.assert_close(local_x.grad / world, expected["x_grad"][rows], **TOL)
     torch.testing.assert_close(pfc.sampled.grad, expected["w_grad"][pfc.start : pfc.end], **TOL)
-    assert torch.equal(out["preds"], expected["preds"][rows])
+    assert torch.equal(out.preds, expected["preds"][rows])
     assert pfc.gather(x[rows].bfloat16(), y[rows])[0].dtype == torch.float32  # summed in fp32 in backward
     # three SGD steps with momentum through attach / write_back: the gathered centres equal the oracle's
     pfc.sampled = None
     optimizer = with_placeholder(pfc, lr=0.5)
     for _ in range(3):
         optimizer.zero_grad()
-        pfc(x[rows], y[rows])["loss"].backward()
+        pfc(x[rows], y[rows]).loss.backward()
         pfc.attach(optimizer)
         optimizer.step()
         pfc.write_back(optimizer)
@@ -154,7 +154,7 @@ class Whole(torch.nn.Module):
         self._ddp_params_and_buffers_to_ignore = ["head.weight"]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x), y)["loss"]
+        return self.head(self.backbone(x), y).loss
 
 
 def train_with_a_backbone(rank: int, world: int, steps: int = 10) -> None:
@@ -197,7 +197,7 @@ def test_sharded_head_equals_the_single_process_head(world: int) -> None:
     torch.multiprocessing.spawn(one_rank, args=(world, port), nprocs=world)
 
 
-HEAD = {"_target_": "arcface_lightning.heads.CosFaceHead", "embedding_size": E, "num_classes": C, "s": 8.0}
+HEAD = {"_target_": "arcface_lightning.models.heads.CosFaceHead", "embedding_size": E, "num_classes": C, "s": 8.0}
 
 
 @pytest.mark.parametrize(
@@ -209,9 +209,9 @@ def test_centres_that_may_be_sharded_are_made_at_shard_with_the_full_heads_value
     """build_head as a training builds it: with sharded=true no C × E tensor exists before shard(), the generator
     draws what the full init draws, and one process's shard() makes the full head's matrix bit for bit. Every other
     head (sharded=false, auto below AUTO_SHARD_CLASSES) is built in full, as before."""
-    from arcface_lightning.module import build_head  # Lightning: not in the spawned ranks
+    from arcface_lightning.training.module import build_head  # Lightning: not in the spawned ranks
 
-    monkeypatch.setattr(partial_fc, "ROW_BLOCK_ELEMENTS", 3 * E)
+    monkeypatch.setattr(distributed, "ROW_BLOCK_ELEMENTS", 3 * E)
     torch.manual_seed(7)
     full = CosFaceHead(E, C, s=8.0).weight.detach()
     after_full = torch.rand(3)
@@ -232,7 +232,7 @@ def test_centres_that_may_be_sharded_are_made_at_shard_with_the_full_heads_value
 
 
 def test_centre_rows_are_the_full_inits_rows_for_every_range(monkeypatch) -> None:
-    monkeypatch.setattr(partial_fc, "ROW_BLOCK_ELEMENTS", 4 * E)  # blocks of 4 rows: ranges across block edges
+    monkeypatch.setattr(distributed, "ROW_BLOCK_ELEMENTS", 4 * E)  # blocks of 4 rows: ranges across block edges
     torch.manual_seed(3)
     full = ArcFaceHead(E, C).weight.detach()
     torch.manual_seed(3)
@@ -250,8 +250,8 @@ def test_one_process_at_rate_one_is_the_full_head() -> None:
     assert not pfc.shard()  # no process group: nothing to shard
     x = x.clone().requires_grad_()
     out = pfc(x, y)
-    out["loss"].backward()
-    torch.testing.assert_close(out["loss"].detach(), expected["loss"], **LOSS_TOL)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.detach(), expected["loss"], **LOSS_TOL)
     torch.testing.assert_close(x.grad, expected["x_grad"], **TOL)
     torch.testing.assert_close(pfc.sampled.grad, expected["w_grad"], **TOL)
 
@@ -268,9 +268,9 @@ def test_sampling_keeps_every_positive_and_leaves_other_rows_and_their_state_bit
         states = {n: v.clone() for n, v in pfc.optimizer_state.items()}
         optimizer.zero_grad()
         out = pfc(x, y, generator)
-        index = out["index"]
+        index = out.index
         assert len(index) == max(20, batch) and set(y.tolist()) <= set(index.tolist())  # ⌈0.1·200⌉ = 20 ≥ 16
-        out["loss"].backward()
+        out.loss.backward()
         pfc.attach(optimizer)
         optimizer.step()
         pfc.write_back(optimizer)
@@ -286,8 +286,8 @@ def test_sampling_keeps_every_positive_and_leaves_other_rows_and_their_state_bit
 
 
 def test_a_softmax_head_cannot_be_sampled_and_bad_rates_are_refused() -> None:
-    from arcface_lightning.checks import BadValue
-    from arcface_lightning.heads import SoftmaxHead
+    from arcface_lightning.core.checks import BadValue
+    from arcface_lightning.models.heads import SoftmaxHead
 
     with pytest.raises(BadValue, match="PartialFC: head='SoftmaxHead' is invalid; allowed: a margin head"):
         PartialFC(SoftmaxHead(E, C), sample_rate=0.5)
@@ -306,8 +306,8 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
     it to the DDP run's own test numbers (the prediction was an argmax across ranks); the run resumes on 1 process
     and on 3 ranks and its metrics go on. (scheduler=cosine: OneCycle's step count is fixed by the first run's
     world size.)"""
+    from arcface_lightning.core.runs import run
     from arcface_lightning.evaluate import evaluate  # here: the spawned ranks above import this file without Lightning
-    from arcface_lightning.runs import run
     from arcface_lightning.train import train
     from conftest import TINY, cli_command, compose_config, tiny_config
 

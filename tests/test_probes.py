@@ -19,8 +19,8 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from arcface_lightning.checkpoints import checkpoint_contract
-from arcface_lightning.contract import save_embeddings
+from arcface_lightning.serving.checkpoints import checkpoint_contract
+from arcface_lightning.serving.contract import save_embeddings
 from conftest import TINY, Outcome, invoke
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from arcface_lightning.contract import read_embeddings, save_embeddings
+from arcface_lightning.core.runs import run
 from arcface_lightning.embed import embed
-from arcface_lightning.runs import run
 from arcface_lightning.search import search
+from arcface_lightning.serving.contract import read_embeddings, save_embeddings
 from arcface_lightning.train import train
 from arcface_lightning.verify import verify
 from conftest import cli, compose_config, once_per_session

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from ranks import free_port, join, leave
 
-from arcface_lightning.recent_heads import AdaFaceHead, CurricularFaceHead, ElasticFaceHead, SubCenterArcFaceHead
+from arcface_lightning.models.recent_heads import AdaFaceHead, CurricularFaceHead, ElasticFaceHead, SubCenterArcFaceHead
 
 E, C = 8, 5
 
@@ -399,7 +399,7 @@ def test_autocast_gives_finite_fp32_logits_and_gradients(name: str, dtype: torch
 
 
 def test_not_margin_heads_so_partial_fc_refuses_them() -> None:
-    from arcface_lightning.partial_fc import PartialFC
+    from arcface_lightning.models.partial_fc import PartialFC
 
     for make in HEADS.values():
         with pytest.raises(ValueError, match=r"PartialFC: head=.* a margin head"):

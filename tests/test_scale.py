@@ -158,7 +158,7 @@ def saved(value: object) -> bytes:
     ],
 )
 def test_bad_ckpt_path_is_one_line_and_overwrites_nothing(make_cfg, tmp_path: Path, content, message) -> None:
-    from arcface_lightning.runs import run
+    from arcface_lightning.core.runs import run
 
     ckpt = tmp_path / "x.ckpt"
     if content is not None:
@@ -174,7 +174,7 @@ def test_bad_ckpt_path_is_one_line_and_overwrites_nothing(make_cfg, tmp_path: Pa
 
 
 def test_resuming_with_another_model_config_is_one_line(trained, tmp_path: Path) -> None:
-    from arcface_lightning.runs import run
+    from arcface_lightning.core.runs import run
     from conftest import tiny_config
 
     data, record = trained

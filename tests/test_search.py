@@ -16,12 +16,12 @@ from omegaconf import DictConfig, open_dict
 from torchvision import datasets
 from torchvision.io import write_png
 
-from arcface_lightning.contract import Contract, save_embeddings
+from arcface_lightning.core.runs import run
 from arcface_lightning.data.files import read_image
-from arcface_lightning.inference import embed_images, index_inputs, load_model
-from arcface_lightning.metrics import retrieval_metrics
-from arcface_lightning.runs import run
+from arcface_lightning.evaluation.metrics import retrieval_metrics
 from arcface_lightning.search import faiss_top_k, search, top_k
+from arcface_lightning.serving.contract import Contract, save_embeddings
+from arcface_lightning.serving.inference import embed_images, index_inputs, load_model
 from conftest import cli, compose_config
 
 

@@ -20,16 +20,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import open_dict
 from torchvision.io import write_png
 
-from arcface_lightning.checkpoints import checkpoint_contract, weights_fingerprint
-from arcface_lightning.checks import ModelError
-from arcface_lightning.contract import UNIT_TOLERANCE, Contract, read_embeddings, save_embeddings
+from arcface_lightning.core.checks import ModelError
+from arcface_lightning.core.runs import run
+from arcface_lightning.core.writing import written_aside
 from arcface_lightning.embed import embed
 from arcface_lightning.export import export
-from arcface_lightning.inference import load_model
-from arcface_lightning.runs import run
 from arcface_lightning.search import search
+from arcface_lightning.serving.checkpoints import checkpoint_contract, weights_fingerprint
+from arcface_lightning.serving.contract import UNIT_TOLERANCE, Contract, read_embeddings, save_embeddings
+from arcface_lightning.serving.inference import load_model
 from arcface_lightning.verify import verify
-from arcface_lightning.writing import written_aside
 from conftest import cli_command, compose_config
 
 ENTRY = {"export": export, "embed": embed, "search": search, "verify": verify}
@@ -75,7 +75,7 @@ INPUTS = {
 }
 FIRST_WORK = {  # what each command does first once its arguments are checked: reaching it fails the test
     "export": "arcface_lightning.export.embedder_from_checkpoint",
-    "embed": "arcface_lightning.checkpoints.Checkpoint",  # imported where called
+    "embed": "arcface_lightning.serving.checkpoints.Checkpoint",  # imported where called
     "search": "arcface_lightning.search.read_embeddings",
 }
 

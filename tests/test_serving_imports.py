@@ -24,16 +24,16 @@ from omegaconf import open_dict
 from test_images import digits, write_folder
 from torchvision.transforms.v2 import functional as TF
 
-from arcface_lightning.checkpoints import embedder_from_checkpoint
-from arcface_lightning.checks import Terminated
-from arcface_lightning.config import trainer_flags
-from arcface_lightning.contract import read_embeddings, save_embeddings
+from arcface_lightning.core.checks import Terminated
+from arcface_lightning.core.config import trainer_flags
+from arcface_lightning.core.runs import run
+from arcface_lightning.core.writing import written_aside
 from arcface_lightning.data.files import fit
 from arcface_lightning.embed import embed
 from arcface_lightning.export import export_model
-from arcface_lightning.inference import load_model
-from arcface_lightning.runs import run
-from arcface_lightning.writing import written_aside
+from arcface_lightning.serving.checkpoints import embedder_from_checkpoint
+from arcface_lightning.serving.contract import read_embeddings, save_embeddings
+from arcface_lightning.serving.inference import load_model
 from conftest import ROOT, compose_config
 
 # never imported by a command that reads embeddings files or an ONNX model and PNG images (any torchvision submodule

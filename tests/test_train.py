@@ -12,11 +12,11 @@ import torch
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from arcface_lightning.config import ConfigError, print_config
+from arcface_lightning.core.config import ConfigError, print_config
+from arcface_lightning.core.runs import run
 from arcface_lightning.evaluate import evaluate
-from arcface_lightning.module import DivergedError
-from arcface_lightning.runs import run
 from arcface_lightning.train import build, train
+from arcface_lightning.training.module import DivergedError
 from conftest import ROOT, TINY, cifar10_checksums, cli, compose_config, write_cifar10
 
 
@@ -160,7 +160,7 @@ def test_cifar10_resnet_recipe_trains(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_fast_dev_run_and_overfit_debug_configs_run(make_cfg, capsys: pytest.CaptureFixture) -> None:
     record = run(train, make_cfg("debug=fdr"))
     assert record["status"] == "ok" and record["best_checkpoint"] == ""  # fast_dev_run writes no checkpoint
-    assert "arcface_lightning.heads.ArcFaceHead" in capsys.readouterr().out  # debug configs print the config
+    assert "arcface_lightning.models.heads.ArcFaceHead" in capsys.readouterr().out  # debug configs print the config
     overfit = train(make_cfg("debug=overfit", "trainer.max_epochs=15", "logger=csv"))
     assert overfit["train/acc"] == 1.0 and overfit["train/loss"] < 1.0  # 3 batches, learned by heart
 
@@ -172,7 +172,7 @@ def test_print_config_and_tags(make_cfg, tmp_path: Path, capsys, monkeypatch: py
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["tags"] == ["baseline", "s16"]
     monkeypatch.setitem(sys.modules, "rich", None)  # without rich: plain YAML
     print_config(make_cfg())
-    assert "  _target_: arcface_lightning.heads.ArcFaceHead\n" in capsys.readouterr().out
+    assert "  _target_: arcface_lightning.models.heads.ArcFaceHead\n" in capsys.readouterr().out
 
 
 def test_tags_reach_tensorboards_hparams(make_cfg, tmp_path: Path) -> None:

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from arcface_lightning import registry
-from arcface_lightning.checks import ModelError
+from arcface_lightning.core import registry
+from arcface_lightning.core.checks import ModelError
+from arcface_lightning.core.registry import TargetNotAllowed, allow, check_part, is_allowed
+from arcface_lightning.core.runs import load_checkpoint, run
 from arcface_lightning.evaluate import evaluate
-from arcface_lightning.inference import load_model
-from arcface_lightning.module import ArcFaceModule
-from arcface_lightning.registry import TargetNotAllowed, allow, check_part, is_allowed
-from arcface_lightning.runs import load_checkpoint, run
+from arcface_lightning.serving.inference import load_model
 from arcface_lightning.train import train
+from arcface_lightning.training.module import ArcFaceModule
 from conftest import compose_config, tiny_config
 
 
@@ -136,9 +136,11 @@ def test_the_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
         "torch.optim.Optimizer.zero_grad", "optimizer"
     )
     assert not is_allowed("torch.optim.lr_scheduler.warnings.warn", "scheduler")  # a module attribute, no class
-    assert not is_allowed("arcface_lightning.runs.write_metrics", "backbone")  # the package is no blanket allowance
-    assert is_allowed("arcface_lightning.heads.ArcFaceHead", "head")
-    assert not is_allowed("arcface_lightning.heads.ArcFaceHead", "backbone")
+    assert not is_allowed(
+        "arcface_lightning.core.runs.write_metrics", "backbone"
+    )  # the package is no blanket allowance
+    assert is_allowed("arcface_lightning.models.heads.ArcFaceHead", "head")
+    assert not is_allowed("arcface_lightning.models.heads.ArcFaceHead", "backbone")
     with pytest.raises(TargetNotAllowed, match=r"^backbone._target_='tests.MyNet' is not allowed; allowed: the proj"):
         check_part({"_target_": "tests.MyNet"}, "backbone")
     with pytest.raises(TargetNotAllowed, match=r"^head='os.system' is invalid; allowed: the config of a head"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from arcface_lightning.checks import DataError
+from arcface_lightning.core.checks import DataError
 
 if TYPE_CHECKING:
     from arcface_lightning.data.datamodule import ImageDataModule

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms
 
-from arcface_lightning.checks import check_choice, check_int, check_number, require
+from arcface_lightning.core.checks import check_choice, check_int, check_number, require
 
 KINDS = ("affine", "crop_flip")
 DEFAULTS: dict[str, Any] = {"kind": None, "degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1), "crop_padding": 4}

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 
-from arcface_lightning.checks import DataError, first_line
+from arcface_lightning.core.checks import DataError, first_line
 from arcface_lightning.data.tensors import targets
 
 DATASETS: dict[str, type[datasets.VisionDataset]] = {

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from arcface_lightning.checks import DataError, first_line
+from arcface_lightning.core.checks import DataError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from arcface_lightning.checks import DataError
+from arcface_lightning.core.checks import DataError
 from arcface_lightning.data.files import SOURCES, ImageIndex, match_classes, pixels, read_bytes, read_image
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from arcface_lightning.checks import check_choice, check_int, is_int, is_number, require
+from arcface_lightning.core.checks import check_choice, check_int, is_int, is_number, require
 from arcface_lightning.data import augment as augmentation
 from arcface_lightning.data import datasets as sets
 from arcface_lightning.data import splits

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from arcface_lightning.checks import first_line
+from arcface_lightning.core.checks import first_line
 from arcface_lightning.data.datamodule import ImageDataModule
 from arcface_lightning.data.datasets import DataError
 from arcface_lightning.data.files import decode

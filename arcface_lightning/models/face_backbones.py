@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from arcface_lightning.checks import check_int, check_ints, check_number, is_int, require
+from arcface_lightning.core.checks import check_int, check_ints, check_number, is_int, require
 
 STAGES = 4  # stride-2 stages of both networks
 

@@ -21,13 +21,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from arcface_lightning.checkpoints import Checkpoint
-from arcface_lightning.contract import Contract
+from arcface_lightning.core.runs import build_trainer, load_checkpoint
+from arcface_lightning.core.writing import sigterm_raises
 from arcface_lightning.data.augment import BatchPreparation
 from arcface_lightning.data.images import ImageFiles, ImageIndex
-from arcface_lightning.inference import index_inputs
-from arcface_lightning.runs import build_trainer, load_checkpoint
-from arcface_lightning.writing import sigterm_raises
+from arcface_lightning.serving.checkpoints import Checkpoint
+from arcface_lightning.serving.contract import Contract
+from arcface_lightning.serving.inference import index_inputs
 
 Predicted = tuple[np.ndarray, np.ndarray, list[str], list[str] | None]  # embeddings, labels, sources, classes
 

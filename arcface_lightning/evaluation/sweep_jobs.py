@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from arcface_lightning.checks import first_line, is_int, is_number
+from arcface_lightning.core.checks import first_line, is_int, is_number
 
 Row = dict[str, Any]
 

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from arcface_lightning.heads import normalize
+from arcface_lightning.models.heads import normalize
 
 
 def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024) -> dict[str, float]:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from arcface_lightning.checks import DataError, ModelError, first_line
-from arcface_lightning.contract import CONTRACT_KEY, Contract
+from arcface_lightning.core.checks import DataError, ModelError, first_line
+from arcface_lightning.serving.contract import CONTRACT_KEY, Contract
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def load_model(path: str | Path, key: str = "ckpt_path", threads: int | None = N
                 return scripted(batch.float() / 255 if float_input else batch).numpy()
 
         return run_script, contract
-    from arcface_lightning.checkpoints import embedder_from_checkpoint
+    from arcface_lightning.serving.checkpoints import embedder_from_checkpoint
 
     embedder, contract = embedder_from_checkpoint(path, key)
 

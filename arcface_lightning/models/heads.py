@@ -34,7 +34,8 @@ Choices, and why:
   (data/datasets.py), and an out-of-range label from elsewhere ends in the device's own index assertion.
 
 `psi(cos, m1, m2, m3)` is ψ as one pure function: every margin head here, the newer heads of recent_heads.py and
-Partial FC call it. No framework imports beyond torch: these are plain nn.Modules usable in any training loop.
+Partial FC call it. Every head answers the module through protocol.py's `Head` (`step`, and optional hooks).
+No framework imports beyond torch: these are plain nn.Modules usable in any training loop.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ import math
 import torch
 from torch import nn
 
-from arcface_lightning.checks import check_int, check_number
+from arcface_lightning.core.checks import check_int, check_number
+from arcface_lightning.models.protocol import Head
 
 NORM_EPS = 1e-6  # vectors shorter than this count as zero
 COS_EPS = 1e-7  # acos is evaluated on cos clamped to [−1 + eps, 1 − eps] (in fp32)
@@ -105,7 +107,7 @@ def psi(cos_target: torch.Tensor, m1: Margin = 1.0, m2: Margin = 0.0, m3: Margin
     return torch.where(theta <= theta_max, torch.cos(m1 * theta + m2), cos_target - shift) - m3
 
 
-class MarginHead(nn.Module):
+class MarginHead(Head):
     """Class weights (`per_class` rows per class, class-major) and the inference side every margin head shares:
     cosines, and logits s·cos θ without a margin. Subclasses give `training_logits(embeddings, labels)`."""
 
@@ -207,7 +209,7 @@ class SphereFaceHead(CombinedMarginHead):
         self.m = float(m)
 
 
-class SoftmaxHead(nn.Module):
+class SoftmaxHead(Head):
     """Plain softmax baseline: a linear layer, with the same forward/logits/cosine interface as the margin heads."""
 
     def __init__(self, embedding_size: int, num_classes: int, bias: bool = True) -> None:

@@ -18,7 +18,7 @@ import matplotlib
 import torch
 from matplotlib.figure import Figure
 
-from arcface_lightning.heads import cosine_similarity, normalize
+from arcface_lightning.models.heads import cosine_similarity, normalize
 
 
 def class_angles(embeddings: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from arcface_lightning.checks import BadValue, check_int, check_ints, first_line, require
+from arcface_lightning.core.checks import BadValue, check_int, check_ints, first_line, require
 
 
 class SimpleCNN(nn.Module):

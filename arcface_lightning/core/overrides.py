@@ -25,7 +25,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from arcface_lightning.config import CONF_DIR
+from arcface_lightning.core.config import CONF_DIR
 
 # config choices that need an optional plugin: (its module, the pyproject extra that installs it)
 PLUGINS = {

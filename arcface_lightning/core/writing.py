@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from arcface_lightning.checks import ModelError, first_line, sigterm_exception
+from arcface_lightning.core.checks import ModelError, first_line, sigterm_exception
 
 
 def check_output(path: str | Path, key: str = "output") -> Path:

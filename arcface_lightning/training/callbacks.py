@@ -12,14 +12,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
-from arcface_lightning.checkpoints import contract_entry
-from arcface_lightning.checks import check_int
-from arcface_lightning.contract import CONTRACT_KEY, far_key
+from arcface_lightning.core.checks import check_int
 from arcface_lightning.data.images import ImageFiles
 from arcface_lightning.data.pairs import PairList, read_pairs
-from arcface_lightning.figures import angle_figure, class_angles, sphere_figure
-from arcface_lightning.heads import normalize
-from arcface_lightning.metrics import best_threshold, pair_metrics, sample_pairs, threshold_at_far
+from arcface_lightning.evaluation.figures import angle_figure, class_angles, sphere_figure
+from arcface_lightning.evaluation.metrics import best_threshold, pair_metrics, sample_pairs, threshold_at_far
+from arcface_lightning.models.heads import normalize
+from arcface_lightning.serving.checkpoints import contract_entry
+from arcface_lightning.serving.contract import CONTRACT_KEY, far_key
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from arcface_lightning.checks import ModelError, first_line
-from arcface_lightning.contract import CONTRACT_KEY, EXPORT_SUFFIXES, THRESHOLDS_KEY, Contract
-from arcface_lightning.heads import normalize
+from arcface_lightning.core.checks import ModelError, first_line
+from arcface_lightning.models.heads import normalize
+from arcface_lightning.serving.contract import CONTRACT_KEY, EXPORT_SUFFIXES, THRESHOLDS_KEY, Contract
 
 if TYPE_CHECKING:
     from lightning import LightningDataModule
 
-    from arcface_lightning.module import ArcFaceModule
+    from arcface_lightning.training.module import ArcFaceModule
 
 CONTRACT_FORMAT = 1  # the version of the dict under CONTRACT_KEY in a checkpoint
 PREPROCESSING = ("image_size", "in_channels", "normalize", "mean", "std")  # of the data module's settings
@@ -179,7 +179,9 @@ class Checkpoint:
         """The LightningModule, on the CPU, as `ArcFaceModule.load_from_checkpoint` builds it (settings → init,
         only the arguments it takes; on_load_checkpoint; the weights, strictly) but from the dict already read:
         Lightning's method would open the file again."""
-        from arcface_lightning.module import ArcFaceModule  # Lightning: only where a checkpoint's model is built
+        from arcface_lightning.training.module import (
+            ArcFaceModule,  # Lightning: only where a checkpoint's model is built
+        )
 
         try:
             module = build_from_settings(ArcFaceModule, self.data.get("hyper_parameters") or {})

@@ -7,52 +7,36 @@ logged beside it only so the two can be compared; never select or report models 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from arcface_lightning import heads
-from arcface_lightning.checks import DivergedError, check_choice, check_int
-from arcface_lightning.heads import CombinedMarginHead
-from arcface_lightning.metrics import SELECTION, embedding_metrics
-from arcface_lightning.partial_fc import AUTO_SHARD_CLASSES, PartialFC, defers_centres
-from arcface_lightning.registry import check_lr_scheduler, check_part
+from arcface_lightning.core.checks import BadValue, DivergedError, check_choice, check_int
+from arcface_lightning.core.registry import check_lr_scheduler, check_part, current_target
+from arcface_lightning.evaluation.metrics import SELECTION, embedding_metrics
+from arcface_lightning.models import heads
+from arcface_lightning.models.partial_fc import build_with_partial_fc
+from arcface_lightning.models.protocol import Head
 
 
 def build_part(config: Mapping[str, Any], part: str) -> Any:
     """instantiate(config) once registry.py has allowed every target it names: a checkpoint's settings never choose
     what is imported or called."""
+    config = current_target(config)
     check_part(config, part)
     return instantiate(config)
 
 
 def build_head(config: Mapping[str, Any]) -> nn.Module:
-    """A head from its config. `sample_rate` < 1 or `sharded` (true, or auto with ≥ AUTO_SHARD_CLASSES classes)
-    wrap a margin head in PartialFC; otherwise the head is the plain module, as before those keys existed.
-
-    Centres that may be sharded are not made here: the margin head is built on the meta device and PartialFC makes
-    each rank's rows at `shard()` (setup), with the values the full matrix would have had; the global generator
-    advances as the full init would, so every later draw is the same."""
-    config = dict(config)
-    sample_rate, sharded = config.pop("sample_rate", 1.0), config.pop("sharded", False)
-    deferred = (sharded is True or sharded == "auto") and defers_centres(config.get("_target_"))
-    with torch.device("meta") if deferred else contextlib.nullcontext():
-        head = build_part(config, "head")
-    large = sharded == "auto" and isinstance(head, CombinedMarginHead) and head.num_classes >= AUTO_SHARD_CLASSES
-    if deferred and not (sharded is True or large):  # auto, and too few classes to shard: the head as it always was
-        head = build_part(config, "head")
-    if sample_rate != 1.0 or sharded is True or large:
-        return PartialFC(head, sample_rate=sample_rate, sharded=sharded)
-    check_choice("PartialFC", "sharded", sharded, (True, False, "auto"))
-    return head
+    """A head from its config, wrapped in Partial FC when its `sample_rate` / `sharded` keys ask for it
+    (partial_fc.build_with_partial_fc), every part built through the allow-list."""
+    return build_with_partial_fc(current_target(config), lambda part: build_part(part, "head"))
 
 
 class ArcFaceModule(L.LightningModule):
@@ -124,6 +108,13 @@ class ArcFaceModule(L.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)  # 4-D weights only; checkpoints load into it as usual
         self.head = head if isinstance(head, nn.Module) else build_head(head)
+        if not isinstance(self.head, Head):
+            raise BadValue(
+                type(self).__name__,
+                "head",
+                type(self.head).__name__,
+                "a subclass of arcface_lightning.models.protocol.Head",
+            )
         num_classes = self.head.num_classes
         # one metric object per stage (and per definition): torchmetrics keeps their states apart.
         # Training aggregates are plain sums on the device: nan_strategy="disable" skips torchmetrics' NaN check
@@ -151,22 +142,13 @@ class ArcFaceModule(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         images, labels = batch
         embeddings = self(images)
-        if isinstance(self.head, PartialFC):  # loss and predictions across ranks (partial_fc.py)
-            if not self.training:
-                out = self.head.evaluate(embeddings, labels)
-            else:
-                out = self.head(embeddings, labels, self._sampling_generator(embeddings.device))
-                self.head.attach(self.optimizers().optimizer)  # this step's sampled centres, before it steps
-            return out["loss"], out["preds"], out["margin_preds"], labels, embeddings
-        # the training objective (margin on the true class) and the prediction (no margin, no labels), from one
-        # cosine matrix
-        margin_logits, logits = self.head.training_logits(embeddings, labels)
-        loss = F.cross_entropy(margin_logits, labels)
-        preds = logits.detach().argmax(1)
-        return loss, preds, margin_logits.detach().argmax(1), labels, embeddings
+        # the training objective (margin on the true class) and the predictions, the head's way (protocol.py)
+        out = self.head.step(embeddings, labels, seed=self._step_seed() if self.training else 0)
+        return out.loss, out.preds, out.margin_preds, labels, embeddings
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, preds, _, labels, _ = self._step(batch)
+        self.head.attach(self.optimizers().optimizer)  # before the optimiser steps (and a gradient scaler unscales)
         detached = loss.detach()
         not_finite = ~torch.isfinite(detached)
         self._loss_not_finite = not_finite if self._loss_not_finite is None else self._loss_not_finite | not_finite
@@ -197,8 +179,7 @@ class ArcFaceModule(L.LightningModule):
         return bool(self.trainer.fast_dev_run) or (every > 0 and (self.global_step + 1) % every == 0)
 
     def on_train_epoch_end(self) -> None:
-        if hasattr(self.head, "end_of_epoch"):  # heads with an epoch schedule (recent_heads.SubCenterArcFaceHead)
-            self.head.end_of_epoch(self.current_epoch)
+        self.head.end_of_epoch(self.current_epoch)
         # Metric objects: Lightning computes them (synced over DDP ranks) and resets them for the next epoch
         self.log("train/loss", self.train_loss)  # mean over the epoch's images, all ranks
         self.log("train/acc", self.train_acc, prog_bar=True)
@@ -279,46 +260,35 @@ class ArcFaceModule(L.LightningModule):
         self.log(f"{stage}/acc_margin", acc_margin, add_dataloader_idx=False)
         return embeddings
 
-    def _sampling_generator(self, device: torch.device) -> torch.Generator:
-        """Partial FC's negative sampling: seeded by (the run's seed, step, rank), so a resumed run draws the same."""
-        seed = (torch.initial_seed() * 1_000_003 + self.global_step) * 1_009 + self.global_rank
-        return torch.Generator(device).manual_seed(seed % 2**63)
+    def _step_seed(self) -> int:
+        """For heads that draw per step (Partial FC's negatives): (the run's seed, step, rank), so a resumed run
+        draws the same."""
+        return (torch.initial_seed() * 1_000_003 + self.global_step) * 1_009 + self.global_rank
 
     def setup(self, stage: str) -> None:
-        """Partial FC: once the process group exists, this rank's rows of the centres (made here when build_head
-        deferred them, else kept from the full matrix), out of DDP's reach."""
-        if isinstance(self.head, PartialFC) and self.trainer is not None:
-            if self.trainer.accumulate_grad_batches != 1:
-                raise ValueError("head.sample_rate / head.sharded: trainer.accumulate_grad_batches must be 1")
-            self.head.shard()
+        """The head's distributed setup, once the process group exists (Partial FC keeps this rank's centres)."""
+        if self.trainer is not None:
+            self.head.setup_distributed(self.trainer.accumulate_grad_batches)
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
-        """Read by DDP when it wraps the model: Partial FC's centres are per rank (and never enter the graph
-        themselves: each step's sampled copy does). Their optimiser state is no buffer (partial_fc.py)."""
-        return ["head.weight"] if isinstance(self.head, PartialFC) else []
+        """Read by DDP when it wraps the model: the head's per-rank parameters."""
+        return [f"head.{name}" for name in self.head.rank_local_parameters()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints hold the whole centre matrix and its optimiser state, whatever the world size. Every rank
-        runs this (the rows are sent to rank zero, the only rank that writes the file; the others keep their rows)."""
-        if isinstance(self.head, PartialFC) and self.head.world > 1:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("head.")]:
-                if state[key].ndim and len(state[key]) == self.head.end - self.head.start:
-                    state[key] = self.head.full_on_rank_zero(state[key])
+        """Checkpoints are the same whatever the world size: every rank runs this, the head makes its per-rank
+        entries whole on rank zero, the only rank that writes the file."""
+        self.head.whole_state(checkpoint["state_dict"], prefix="head.")
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if isinstance(self.head, PartialFC):  # the stepped rows back into the centres and their state
-            self.head.write_back(getattr(optimizer, "optimizer", optimizer))
+        self.head.write_back(getattr(optimizer, "optimizer", optimizer))
 
     def configure_optimizers(self) -> Any:
-        if isinstance(self.head, PartialFC):  # the centres' last group holds each step's sampled rows (attach)
-            others = [p for name, p in self.named_parameters() if name != "head.weight"]
-            placeholder = nn.Parameter(self.head.weight.new_zeros(0, self.head.embedding_size))
-            optimizer = self.optimizer_factory(params=[{"params": others}, {"params": [placeholder]}])
-        else:
-            optimizer = self.optimizer_factory(params=self.parameters())
+        local = {f"head.{name}" for name in self.head.rank_local_parameters()}
+        params = [p for name, p in self.named_parameters() if name not in local]
+        groups = self.head.optimizer_groups()
+        optimizer = self.optimizer_factory(params=[{"params": params}, *groups] if groups else params)
         if self.hparams.scheduler is None:
             return optimizer
         lr_scheduler = dict(self.hparams.scheduler)

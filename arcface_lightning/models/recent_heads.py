@@ -41,14 +41,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from arcface_lightning.checks import check_choice, check_int, check_number, is_int, require
-from arcface_lightning.heads import COS_EPS, MarginHead, check_labels, cosine_similarity, psi
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from arcface_lightning.core.checks import check_choice, check_int, check_number, is_int, require
+from arcface_lightning.models.distributed import rank_and_world
+from arcface_lightning.models.heads import COS_EPS, MarginHead, check_labels, cosine_similarity, psi
 
 
 def _target(cos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +59,7 @@ def _global_mean_std(values: torch.Tensor, shift: torch.Tensor) -> tuple[torch.T
     official AdaFace code's torch.std gives NaN there, which would poison the EMA for good)."""
     centred = values.float() - shift.float()
     moments = torch.stack([centred.new_full((), centred.numel()), centred.sum(), centred.square().sum()])
-    if _rank_world()[1] > 1:
+    if rank_and_world()[1] > 1:
         dist.all_reduce(moments)
     n, s1, s2 = moments.unbind()
     variance = (s2 - s1 * s1 / n) / (n - 1).clamp_min(1)
@@ -128,7 +123,7 @@ class SubCenterArcFaceHead(MarginHead):
     def _count(self, index: torch.Tensor, sub: torch.Tensor) -> None:
         flat = (index * self.k + sub).view(-1)
         delta = torch.zeros_like(self.counts).view(-1).scatter_add_(0, flat, torch.ones_like(flat))
-        if _rank_world()[1] > 1:
+        if rank_and_world()[1] > 1:
             dist.all_reduce(delta)
         self.counts.view(-1).add_(delta)
 
@@ -274,7 +269,7 @@ class ElasticFaceHead(MarginHead):
     def margins(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The n margins (fp32, in batch order, before ElasticFace+'s ranking) the next training forward draws."""
         generator = torch.Generator(device=device)
-        generator.manual_seed(_stream_seed(self.seed, self._draws, _rank_world()[0]))
+        generator.manual_seed(_stream_seed(self.seed, self._draws, rank_and_world()[0]))
         margins = self.m + self.sigma * torch.randn(n, generator=generator, device=device)
         return margins.clamp_min(0.0) if self.variant == "arc" else margins
 

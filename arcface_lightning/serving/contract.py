@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from arcface_lightning.checks import ModelError, first_line
-from arcface_lightning.writing import written_aside
+from arcface_lightning.core.checks import ModelError, first_line
+from arcface_lightning.core.writing import written_aside
 
 log = logging.getLogger(__name__)
 CONTRACT_KEY = "arcface_contract"  # in checkpoints (a dict) and ONNX metadata (JSON); TorchScript: contract.json

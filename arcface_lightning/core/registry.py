@@ -20,29 +20,44 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from arcface_lightning.checks import TargetNotAllowed
+from arcface_lightning.core.checks import TargetNotAllowed
 
 BACKBONES = frozenset(
     {
-        "arcface_lightning.backbones.SimpleCNN",
-        "arcface_lightning.backbones.ResNet",
-        "arcface_lightning.backbones.TimmBackbone",
-        "arcface_lightning.face_backbones.IResNet",
-        "arcface_lightning.face_backbones.MobileFaceNet",
+        "arcface_lightning.models.backbones.SimpleCNN",
+        "arcface_lightning.models.backbones.ResNet",
+        "arcface_lightning.models.backbones.TimmBackbone",
+        "arcface_lightning.models.face_backbones.IResNet",
+        "arcface_lightning.models.face_backbones.MobileFaceNet",
     }
 )
 HEADS = frozenset(
     {
-        f"arcface_lightning.heads.{name}"
+        f"arcface_lightning.models.heads.{name}"
         for name in ("ArcFaceHead", "CosFaceHead", "SphereFaceHead", "CombinedMarginHead", "SoftmaxHead")
     }
     | {
-        f"arcface_lightning.recent_heads.{name}"
+        f"arcface_lightning.models.recent_heads.{name}"
         for name in ("SubCenterArcFaceHead", "AdaFaceHead", "ElasticFaceHead", "CurricularFaceHead")
     }
 )
 ALLOWED_BY_PART = {"backbone": BACKBONES, "head": HEADS}
+# The model's parts moved into arcface_lightning.models; checkpoints written before name them at the old paths.
+MOVED_MODULES = {
+    f"arcface_lightning.{name}.": f"arcface_lightning.models.{name}."
+    for name in ("heads", "recent_heads", "backbones", "face_backbones")
+}
 _user_targets: set[str] = set()
+
+
+def current_target(config: Any) -> Any:
+    """`config` with a `_target_` that names a class at its path before the package was grouped, renamed to where
+    the class lives now (anything else is returned as it is, for check_part to judge)."""
+    target = config.get("_target_") if isinstance(config, Mapping) else None
+    for old, new in MOVED_MODULES.items():
+        if isinstance(target, str) and target.startswith(old) and "." not in target[len(old) :]:
+            return {**config, "_target_": new + target[len(old) :]}
+    return config
 
 
 def allow(targets: Iterable[str] | None) -> None:

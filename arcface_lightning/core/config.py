@@ -29,9 +29,9 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from arcface_lightning.checks import BadValue, ConfigError, first_line, is_int, require
+from arcface_lightning.core.checks import BadValue, ConfigError, first_line, is_int, require
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
 INTERPOLATION = re.compile(r"\$\{([\w.]+)\}")
 
@@ -61,7 +61,7 @@ def native_bf16_precision(cpuinfo: Path = Path("/proc/cpuinfo"), capability: str
 def selection_metric(val_split: str, form: str = "name") -> str:
     """The metric that selects checkpoints for a data.val_split (val/acc, or val/precision_at_1 for by_class); as
     `filename`, ModelCheckpoint's pattern for it (val_acc_{val/acc:.4f})."""
-    from arcface_lightning.metrics import SELECTION  # torch: only where a training config is resolved
+    from arcface_lightning.evaluation.metrics import SELECTION  # torch: only where a training config is resolved
 
     if val_split not in SELECTION:
         raise ConfigError(f"data.val_split={val_split!r} is invalid; allowed: {', '.join(SELECTION)}")

@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from lightning_utilities.core.rank_zero import rank_zero_only  # the object Lightning sets `.rank` on
 from omegaconf import DictConfig, OmegaConf
 
-from arcface_lightning.checks import (
+from arcface_lightning.core.checks import (
     USER_ERRORS,
     BadValue,
     ConfigError,
@@ -34,7 +34,7 @@ from arcface_lightning.checks import (
     Terminated,
     sigterm_exception,
 )
-from arcface_lightning.config import (
+from arcface_lightning.core.config import (
     CONF_DIR,
     check_run_keys,
     instantiate_node,
@@ -44,15 +44,15 @@ from arcface_lightning.config import (
     register_configs,
     root_cause,
 )
-from arcface_lightning.overrides import check_overrides, upgrade_overrides
-from arcface_lightning.registry import allow
+from arcface_lightning.core.overrides import check_overrides, upgrade_overrides
+from arcface_lightning.core.registry import allow
 
 if TYPE_CHECKING:
     import lightning as L
 
-    from arcface_lightning.checkpoints import Checkpoint
     from arcface_lightning.data.datamodule import ImageDataModule
-    from arcface_lightning.module import ArcFaceModule
+    from arcface_lightning.serving.checkpoints import Checkpoint
+    from arcface_lightning.training.module import ArcFaceModule
 
 log = logging.getLogger(__name__)
 Rewrite = Callable[[list[str]], list[str]]  # a command's own rewriting of its arguments (search: model=)
@@ -123,7 +123,7 @@ def check_ckpt_path(ckpt_path: str | None, output_dir: Path | None = None) -> Ch
     """The checkpoint, opened (memory-mapped: settings only), or None. `last` means <run dir>/checkpoints/last.ckpt
     of this run's dir. A file that is not a readable checkpoint fails now, in one line, rather than after Lightning
     has set everything up."""
-    from arcface_lightning.checkpoints import Checkpoint
+    from arcface_lightning.serving.checkpoints import Checkpoint
 
     if ckpt_path is None:
         return None
@@ -263,7 +263,7 @@ def load_checkpoint(cfg: DictConfig, checkpoint: Checkpoint | str) -> tuple[ArcF
     """The module and its data module from a checkpoint (opened here if given as a path); `cfg.data` keys that are
     not null override the data module's saved values (where the files are, how they are loaded). evaluate and embed.
     Imports Lightning, the model and the data modules (seconds): only here, where a checkpoint is loaded."""
-    from arcface_lightning.checkpoints import Checkpoint
+    from arcface_lightning.serving.checkpoints import Checkpoint
 
     checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     model = checkpoint.module()  # one line naming the file where the settings or weights do not build

@@ -27,23 +27,33 @@ rows ("lazy" Adam, as torch's SparseAdam). Checkpoints hold the full C × E matr
 rank send its rows to rank zero, which writes the file), so a run saved on N ranks resumes on M, and evaluate/export
 load it on one process.
 
-Start-up: with centres that may be sharded, module.build_head builds the margin head on the meta device (no C × E
+Start-up: with centres that may be sharded, `build_with_partial_fc` builds the margin head on the meta device (no C × E
 matrix) and `CentreRows` stands in for its init; `shard()` then makes only this rank's rows, equal to the rows the
 full matrix would have had (one process makes them all). Only a checkpoint's rank zero ever holds the whole matrix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from arcface_lightning.checks import BadValue, check_choice, check_number
-from arcface_lightning.heads import (
-    NORM_EPS,
+from arcface_lightning.core.checks import BadValue, check_choice, check_number
+from arcface_lightning.models.distributed import (
+    CentreRows,
+    DistributedCrossEntropy,
+    GatherWithGrad,
+    NormalizeRows,
+    rank_and_world,
+    shard_bounds,
+)
+from arcface_lightning.models.heads import (
     ArcFaceHead,
     CombinedMarginHead,
     CosFaceHead,
@@ -53,25 +63,12 @@ from arcface_lightning.heads import (
     normalize,
     psi,
 )
+from arcface_lightning.models.protocol import Head, HeadStep
 
 AUTO_SHARD_CLASSES = 10_000  # sharded=auto shards from this many classes on, when there is more than one rank
 # heads whose only parameter is the centre matrix, initialised by CombinedMarginHead's xavier_uniform_: CentreRows
 # makes the same values row range by row range
 DEFERRABLE_HEADS = (CombinedMarginHead, ArcFaceHead, CosFaceHead, SphereFaceHead)
-ROW_BLOCK_ELEMENTS = 2**22  # values drawn at a time by CentreRows: all it holds besides the rows it makes
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def shard_bounds(num_classes: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows [start, end) of rank `rank`: C // W each, the first C mod W ranks one more."""
-    base, extra = divmod(num_classes, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
 
 
 def defers_centres(target: Any) -> bool:
@@ -79,109 +76,38 @@ def defers_centres(target: Any) -> bool:
     return target in {f"{kind.__module__}.{kind.__qualname__}" for kind in DEFERRABLE_HEADS}
 
 
-class CentreRows:
-    """The initial centres of a margin head built on the meta device, made row range by row range.
+def build_with_partial_fc(config: Mapping[str, Any], build: Callable[[dict[str, Any]], nn.Module]) -> nn.Module:
+    """A head from its config (`build` instantiates a config without the two keys below). `sample_rate` < 1 or
+    `sharded` (true, or auto with ≥ AUTO_SHARD_CLASSES classes) wrap a margin head in PartialFC; otherwise the
+    head is the plain module, as before those keys existed.
 
-    CombinedMarginHead initialises its C × E matrix with xavier_uniform_: one draw of the global CPU generator per
-    value, in row-major order, so any rows can be made again from the generator's state at their first value. At
-    construction the draws are made once, a block at a time (nothing kept but the generator's state at each
-    block's start), so the global generator ends where the full init leaves it and later draws (data order,
-    dropout) stay the same; `rows(start, end)` draws rows [start, end) again from the nearest state."""
-
-    def __init__(self, num_classes: int, embedding_size: int, dtype: torch.dtype) -> None:
-        self.num_classes, self.embedding_size, self.dtype = num_classes, embedding_size, dtype
-        self.block = max(1, ROW_BLOCK_ELEMENTS // embedding_size)  # rows
-        # nn.init.xavier_uniform_'s bound (gain 1) for a (num_classes, embedding_size) matrix
-        self.bound = math.sqrt(3.0) * math.sqrt(2.0 / float(embedding_size + num_classes))
-        self.states: list[torch.Tensor] = []
-        scratch = torch.empty(min(self.block, num_classes), embedding_size, dtype=dtype)
-        for first in range(0, num_classes, self.block):
-            self.states.append(torch.get_rng_state())
-            scratch[: num_classes - first].uniform_(-self.bound, self.bound)
-
-    def rows(self, start: int, end: int) -> torch.Tensor:
-        """Rows [start, end) of the initial matrix, holding at most one block besides them."""
-        out = torch.empty(end - start, self.embedding_size, dtype=self.dtype)
-        if not len(out):  # a rank with no rows: more ranks than classes
-            return out
-        generator = torch.Generator()
-        generator.set_state(self.states[start // self.block])
-        skipped = start % self.block
-        skip = torch.empty(skipped, self.embedding_size, dtype=self.dtype)
-        skip.uniform_(-self.bound, self.bound, generator=generator)
-        return out.uniform_(-self.bound, self.bound, generator=generator)
+    Centres that may be sharded are not made here: the margin head is built on the meta device and PartialFC makes
+    each rank's rows at `shard()` (setup), with the values the full matrix would have had; the global generator
+    advances as the full init would, so every later draw is the same."""
+    config = dict(config)
+    sample_rate, sharded = config.pop("sample_rate", 1.0), config.pop("sharded", False)
+    deferred = (sharded is True or sharded == "auto") and defers_centres(config.get("_target_"))
+    with torch.device("meta") if deferred else contextlib.nullcontext():
+        head = build(config)
+    large = sharded == "auto" and isinstance(head, CombinedMarginHead) and head.num_classes >= AUTO_SHARD_CLASSES
+    if deferred and not (sharded is True or large):  # auto, and too few classes to shard: the head as it always was
+        head = build(config)
+    if sample_rate != 1.0 or sharded is True or large:
+        return PartialFC(head, sample_rate=sample_rate, sharded=sharded)
+    check_choice("PartialFC", "sharded", sharded, (True, False, "auto"))
+    return head
 
 
-class GatherWithGrad(torch.autograd.Function):
-    """all_gather of equal-sized (B, ...) tensors along dim 0; backward: the gradient of this rank's rows summed
-    over ranks (each rank's loss sees every row), times the world size (DDP averages the backbone's gradients)."""
+@dataclass
+class PartialFCStep(HeadStep):
+    """A Partial FC step: HeadStep's loss and predictions (over the sampled centres; the predictions of this rank's
+    rows of the global batch), this rank's softmax columns of the global batch, and the sampled local rows."""
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        rank, world = _world()
-        ctx.rank, ctx.world, ctx.rows = rank, world, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # gloo has no reduce_scatter; the rows of other ranks are dropped below
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows] * ctx.world
+    probs: torch.Tensor
+    index: torch.Tensor
 
 
-class NormalizeRows(torch.autograd.Function):
-    """heads.normalize of the (k × E) sampled centres, the same values, with the gradient (g − ŵ (ŵ·g)) / ‖w‖ made
-    in one k × E buffer: autograd's chain through the quotient and the norm holds several at once, and at millions
-    of classes those temporaries, not the logits, are most of a step's memory."""
-
-    @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor) -> torch.Tensor:
-        norm = weight.norm(dim=1, keepdim=True)
-        live = norm > NORM_EPS
-        unit = (weight / norm.clamp_min(NORM_EPS)).masked_fill_(~live, 0.0)
-        ctx.save_for_backward(unit, norm, live)
-        return unit
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        unit, norm, live = ctx.saved_tensors
-        along = torch.bmm(unit.unsqueeze(1), grad.unsqueeze(2)).view(-1, 1)  # ŵ·g per row, no k × E product
-        return torch.addcmul(grad, unit, along, value=-1).div_(norm.clamp_min(NORM_EPS)).masked_fill_(~live, 0.0)
-
-
-class DistributedCrossEntropy(torch.autograd.Function):
-    """Mean softmax cross-entropy of (B, k) logits whose columns are spread over ranks. `target` is the column of
-    each row's label on this rank, -1 where it lives elsewhere. Returns (loss, this rank's softmax columns)."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        distributed = _world()[1] > 1
-        top = logits.max(1).values
-        if distributed:
-            dist.all_reduce(top, dist.ReduceOp.MAX)
-        exp = (logits - top[:, None]).exp_()  # in place here and below: a (B, k) matrix less each time
-        total = exp.sum(1)
-        here = target >= 0
-        index = target.clamp(min=0)[:, None]
-        target_logit = torch.where(here, logits.gather(1, index).squeeze(1) - top, torch.zeros_like(top))
-        if distributed:
-            dist.all_reduce(total)
-            dist.all_reduce(target_logit)  # each row's target lives on exactly one rank
-        probs = exp.div_(total[:, None])
-        ctx.save_for_backward(probs, index, here)
-        ctx.mark_non_differentiable(probs)
-        return (total.log() - target_logit).mean(), probs
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None]:
-        probs, index, here = ctx.saved_tensors
-        grad = probs.scatter_add(1, index, -here.to(probs.dtype)[:, None])
-        return grad.mul_(grad_loss / len(probs)), None
-
-
-class PartialFC(nn.Module):
+class PartialFC(Head):
     """A margin head (heads.CombinedMarginHead and its subclasses) with sharded, sampled class centres.
 
     Keeps the margin head's centres as `weight` (so a checkpoint's `head.weight` is the same tensor either way) and
@@ -227,10 +153,42 @@ class PartialFC(nn.Module):
         """The margin head's ψ (heads.psi with its constants)."""
         return psi(cos_target, **self.margins)
 
+    # -- the head protocol (protocol.py) ------------------------------------------------------------------------
+    def step(self, embeddings: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> PartialFCStep:
+        """Training: a draw of negatives seeded by `seed` (the same on resume), the sampled rows kept for `attach`.
+        Evaluation: every centre, nothing kept."""
+        if not self.training:
+            return self.evaluate(embeddings, labels)
+        return self(embeddings, labels, torch.Generator(embeddings.device).manual_seed(seed % 2**63))
+
+    def setup_distributed(self, accumulate_grad_batches: int = 1) -> None:
+        """This rank's rows of the centres (`shard`). One backward per optimiser step: the sampled rows are a new
+        leaf each step, so accumulated gradients would land on rows that are gone."""
+        if accumulate_grad_batches != 1:
+            raise ValueError("head.sample_rate / head.sharded: trainer.accumulate_grad_batches must be 1")
+        self.shard()
+
+    def rank_local_parameters(self) -> list[str]:
+        """The centres: each rank owns its rows, and each step's sampled copy is what enters the graph."""
+        return ["weight"]
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """The last group: the slot each step's sampled rows take (`attach`), empty until then."""
+        return [{"params": [nn.Parameter(self.weight.new_zeros(0, self.embedding_size))]}]
+
+    def whole_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """The centres and their optimiser state as full matrices on rank zero (which writes the file); the other
+        ranks send their rows and keep them."""
+        if self.world == 1:
+            return
+        for key in [k for k in state if k.startswith(prefix)]:
+            if state[key].ndim and len(state[key]) == self.end - self.start:
+                state[key] = self.full_on_rank_zero(state[key])
+
     # -- sharding and the centres' optimiser state ------------------------------------------------------------
     def shard(self) -> bool:
         """Keep only this rank's rows (call once, after the process group exists). Whether it sharded."""
-        rank, world = _world()
+        rank, world = rank_and_world()
         wanted = self.sharded is True or (self.sharded == "auto" and self.num_classes >= AUTO_SHARD_CLASSES)
         if world == 1 or not wanted or self.world > 1:
             self._make_rows()
@@ -366,9 +324,8 @@ class PartialFC(nn.Module):
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Training: {"loss", "preds", "margin_preds" (over the sampled centres; for this rank's rows), "probs"
-        (this rank's softmax columns of the global batch), "index" (the sampled local rows)}. Sets `sampled`."""
+    ) -> PartialFCStep:
+        """Training: the loss and predictions over the sampled centres. Sets `sampled`."""
         check_labels(labels, self.num_classes)
         self._make_rows()
         x, y = self.gather(embeddings, labels)
@@ -379,14 +336,16 @@ class PartialFC(nn.Module):
         return self._loss(x, y, self.sampled, self._index, embeddings.shape[0])
 
     @torch.no_grad()
-    def evaluate(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def evaluate(self, embeddings: torch.Tensor, labels: torch.Tensor) -> PartialFCStep:
         """Validation and test: the same over every centre (no sampling), nothing kept for the optimiser."""
         self._make_rows()
         x, y = self.gather(embeddings, labels)
         index = torch.arange(self.end - self.start, device=x.device)
         return self._loss(x, y, self.weight, index, embeddings.shape[0])
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, index: torch.Tensor, rows: int) -> dict:
+    def _loss(
+        self, x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, index: torch.Tensor, rows: int
+    ) -> PartialFCStep:
         with torch.autocast(device_type=x.device.type, enabled=False):  # fp32, as heads.cosine_similarity
             cos = normalize(x.float()) @ NormalizeRows.apply(centres.float()).t()
         column = torch.full((self.end - self.start,), -1, dtype=torch.long, device=x.device)
@@ -404,7 +363,7 @@ class PartialFC(nn.Module):
         margin_preds = self._argmax(margin_logits.detach(), index)[own]
         del margin_logits
         preds = self._argmax(self.s * cos.detach(), index)[own]
-        return {"loss": loss, "preds": preds, "margin_preds": margin_preds, "probs": probs, "index": index}
+        return PartialFCStep(loss, preds, margin_preds, probs, index)
 
     def _argmax(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The global class id of each row's largest logit over all ranks' columns (ties: the lowest id)."""
