@@ -34,10 +34,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep
 from omegaconf import OmegaConf
 
-from arcface_lightning import overrides
-from arcface_lightning.checks import OneLineParser  # TEMPORARY: core.* once the layout commit is merged
-from arcface_lightning.config import CONF_DIR, register_configs
-from arcface_lightning.overrides import upgrade_overrides
+from arcface_lightning.core import overrides
+from arcface_lightning.core.checks import OneLineParser
+from arcface_lightning.core.config import CONF_DIR, register_configs
+from arcface_lightning.core.overrides import upgrade_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "arcface_lightning"
