@@ -47,7 +47,7 @@ PARSER_COMMANDS = ("pack", "report")  # argparse (checks.OneLineParser); the oth
 FENCE = re.compile(r"^\s*(```|~~~)")
 HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.DOTALL)
-LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|^ {0,3}\[[^\]]+\]:\s*<?([^\s>]+)", re.M)
 SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 SOURCE_PATH = re.compile(r"^(?:arcface_lightning|conf|tests|benchmarks|notebooks|docs|constraints|\.ci)/[\w./-]*$")
 ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(\S*)$")
@@ -114,7 +114,7 @@ def link_problems(page: Path, root: Path = ROOT) -> list[str]:
     text = blank_code_spans("\n".join(prose))
     problems = []
     for match in LINK.finditer(text):
-        target = match.group(1)
+        target = match.group(1) or match.group(2)  # [text](target), or a reference's [name]: target
         if SCHEME.match(target):
             continue
         line = text.count("\n", 0, match.start()) + 1
@@ -360,6 +360,8 @@ CONTROL_PAGE = """# A page
 [fine](#its-section) [fine too](other.md#a-heading) [no file](missing.md) [no heading](other.md#nothing)
 ![no image](missing.png) `[not a link](missing.md)` [web](https://example.org/x) `arcface_lightning/nope.py`
 
+[reference]: gone.md
+
 ```bash
 RUN=logs/train/runs/2026-01-01_12-00-00_4242
 python -m arcface_lightning.train head.s=16 \\
@@ -381,7 +383,7 @@ def control(tmp_path: Path) -> Path:
 
 def test_control_broken_links_are_caught(control: Path) -> None:
     problems = link_problems(control, root=control.parents[1])
-    assert [p.split(":")[1].strip() for p in problems] == ["missing.md", "other.md#nothing", "missing.png"]
+    assert [p.split(":")[1].strip() for p in problems] == ["missing.md", "other.md#nothing", "missing.png", "gone.md"]
     assert path_problems(control, root=control.parents[1]) == [
         "line 6: arcface_lightning/nope.py: no such file or folder"
     ]
@@ -390,9 +392,9 @@ def test_control_broken_links_are_caught(control: Path) -> None:
 def test_control_bad_examples_are_caught(control: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     found = examples(control, root=control.parents[1])
     assert [(e.line, e.argv[:3]) for e in found] == [
-        (10, ("python", "-m", "arcface_lightning.train")),
-        (12, ("python", "-m", "arcface_lightning.evaluate")),
-        (13, ("make", "nonexistent_target")),
+        (12, ("python", "-m", "arcface_lightning.train")),
+        (14, ("python", "-m", "arcface_lightning.evaluate")),
+        (15, ("make", "nonexistent_target")),
     ]
     assert found[0].argv[3:] == ("head.s=16", "head.nonexistent_key=1")
     assert found[1].argv[3] == "ckpt_path=logs/train/runs/2026-01-01_12-00-00_4242/checkpoints/last.ckpt"
