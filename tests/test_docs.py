@@ -5,9 +5,9 @@
 - every source path named in backticks (`arcface_lightning/...`, `conf/...`, `tests/...`, ...) exists;
 - every command example in their fenced code blocks is checked the way its command line checks it before any work:
   the Hydra commands' overrides through `upgrade_overrides` and `check_overrides` (as `runs.entry_point`'s `cli`
-  does), then composed as one job (a sweep's first point) with its required keys given; `pack`'s and `report`'s
-  arguments by their own parsers (stopped right after parsing); `make <target> ...` through `make -n`, whose
-  `python -m arcface_lightning...` lines are checked in turn.
+  does), then composed as one job (a sweep's first point) with its required keys given; the argparse commands'
+  (`pack`, `report`, ...) arguments by their own parsers, stopped right after parsing; `make <target> ...` through
+  `make -n`, whose `python -m arcface_lightning...` lines are checked in turn.
 
 Examples are lines starting `python -m arcface_lightning.<command>` or `make <target>`, also after `$ ` or
 environment assignments (`ARCFACE_DATA_DIR=/datasets make train`), joined across `\\` continuations; a line
@@ -42,7 +42,6 @@ from arcface_lightning.core.overrides import upgrade_overrides
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "arcface_lightning"
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-PARSER_COMMANDS = ("pack", "report")  # argparse (checks.OneLineParser); the other commands are Hydra's
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
@@ -295,11 +294,12 @@ def check_command(argv: list[str], env: dict[str, str], monkeypatch: pytest.Monk
     if argv[0] == "make":
         return check_make(argv, env, monkeypatch)
     command = argv[2].removeprefix("arcface_lightning.")
-    if command in PARSER_COMMANDS:
-        return check_parser_command(command, argv[3:], monkeypatch)
-    if not (PACKAGE / f"{command}.py").is_file():
+    source = PACKAGE / f"{command}.py"
+    if not source.is_file():
         raise BadExample(f"no command arcface_lightning.{command}")
-    return check_hydra_command(command, argv[3:], monkeypatch)
+    if "entry_point(" in source.read_text():  # a Hydra command
+        return check_hydra_command(command, argv[3:], monkeypatch)
+    return check_parser_command(command, argv[3:], monkeypatch)  # pack, report, align: checks.OneLineParser
 
 
 # ------------------------------------------------------------------------------------------------------- tests
