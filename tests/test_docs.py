@@ -307,21 +307,6 @@ def check_command(argv: list[str], env: dict[str, str], monkeypatch: pytest.Monk
 EXAMPLES = [example for page in PAGES for example in examples(page)]
 
 
-def known_failure(example: Example) -> list[pytest.MarkDecorator]:
-    """Sweep values on a command line that selects a sweep config (sweep=s_m) without -m: the command line's own
-    check composes it as a single run and refuses the values, so `make sweep ARGS="seed=0,1,2"` stops there."""
-    words = list(example.argv)
-    if words[0] == "make":
-        variables = dict(word.split("=", 1) for word in words[2:] if "=" in word)
-        words = shlex.split(variables.get("ARGS", ""))
-    selects_sweep = example.argv[:2] == ("make", "sweep") or any(w.startswith("sweep=") for w in words)
-    has_sweep_values = any(re.match(r"^[\w.]+=[^\[\]'\"]*,", w) for w in words)
-    if selects_sweep and has_sweep_values and "-m" not in words:
-        reason = "check_overrides composes a sweep config's command line as one run (issue: sweep values refused)"
-        return [pytest.mark.xfail(raises=BadExample, strict=True, reason=reason)]
-    return []
-
-
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_links_resolve(page: Path) -> None:
     assert link_problems(page) == []
@@ -343,11 +328,9 @@ def test_readme_is_a_front_door() -> None:
     assert lines[2] == "```bash" and lines[3].startswith("make train   #") and lines[5].startswith("make test    #")
 
 
-@pytest.mark.parametrize("example", [pytest.param(e, id=e.id, marks=known_failure(e)) for e in EXAMPLES])
+@pytest.mark.parametrize("example", [pytest.param(e, id=e.id) for e in EXAMPLES])
 def test_example_composes(example: Example, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(
-        tmp_path
-    )  # a hydra.run.dir=... of an example is checked for writability here, not in the checkout
+    monkeypatch.chdir(tmp_path)  # a hydra.run.dir=... of an example is checked for writability here
     check_command(list(example.argv), dict(example.env), monkeypatch)
 
 
