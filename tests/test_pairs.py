@@ -116,11 +116,17 @@ def test_train_and_evaluate_verify_a_pair_list(pair_csv: tuple[Path, Path], tmp_
     cfg = tiny_config(
         tmp_path, tmp_path / "run", "data=image_folder", f"data.root={train_root}", *common,
         f"evaluation.pairs={pairs}", "trainer.max_epochs=4", "optimizer.lr=0.01", "head.s=10", "head.m=0.1",
+        "logger=csv",
     )  # fmt: skip
     metrics = run(train, cfg)
     for key in ("verification_acc", "verification_acc_std", "verification_auc", "tar_at_far_1e-3", "threshold"):
         assert f"pairs/{key}" in metrics, key
     assert metrics["pairs/verification_auc"] > 0.7, metrics  # trained digits, unseen images: mostly separable
+    import csv
+
+    (logged,) = (tmp_path / "run").rglob("metrics.csv")
+    rows = [row for row in csv.DictReader(logged.open()) if row.get("pairs/verification_auc")]
+    assert len(rows) == 4 + 1  # every validation epoch, and the test
     eval_cfg = compose_config(
         f"ckpt_path={metrics['best_checkpoint']}", f"evaluation.pairs={pairs}", "trainer=cpu", "logger=csv",
         "data.num_workers=0", config_name="eval",
@@ -142,3 +148,56 @@ def test_a_pair_list_with_a_missing_image_stops_before_training(pair_csv: tuple[
         run(train, cfg)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def csv_of_the_bin(folder: Path) -> Path:
+    """The pairs of tests/data/insightface/mnist_pairs.bin (real MNIST test digits) as image files and a CSV."""
+    import pickle
+
+    images, same = pickle.loads((Path(__file__).parent / "data" / "insightface" / "mnist_pairs.bin").read_bytes())
+    folder.mkdir(parents=True)
+    png = b"\x89PNG"
+    names = [f"{i:02d}." + ("png" if image.startswith(png) else "jpg") for i, image in enumerate(images)]
+    for name, image in zip(names, images, strict=True):
+        (folder / name).write_bytes(image)
+    rows = [f"{names[2 * k]},{names[2 * k + 1]},{int(flag)}" for k, flag in enumerate(same)]
+    (folder / "mnist_csv.csv").write_text("path_a,path_b,same\n" + "\n".join(rows) + "\n")
+    return folder / "mnist_csv.csv"
+
+
+def test_a_bin_and_the_same_pairs_as_a_csv_give_the_same_numbers_each_under_its_name(trained, tmp_path) -> None:
+    """`evaluation.pairs=[mnist_pairs.bin, mnist_csv.csv]`: one checkpoint, two sets under their own names, equal
+    numbers (the same images, decoded the same way); one set keeps the plain pairs/* names; flip changes them."""
+    data, record = trained
+    binary = Path(__file__).parent / "data" / "insightface" / "mnist_pairs.bin"
+    listed = csv_of_the_bin(tmp_path / "pairs")
+
+    def evaluated(*overrides: str) -> dict:
+        cfg = compose_config(f"ckpt_path={record['best_checkpoint']}", f"data.data_dir={data}", "trainer=cpu",
+                             "logger=csv", "data.num_workers=0", *overrides, config_name="eval")  # fmt: skip
+        cfg.paths.output_dir = str(tmp_path / f"eval_{len(list(tmp_path.iterdir()))}")
+        return run(evaluate, cfg)
+
+    both = evaluated(f"evaluation.pairs=[{binary},{listed}]")
+    keys = ("verification_acc", "verification_acc_std", "verification_auc", "tar_at_far_1e-3", "threshold")
+    for key in keys:
+        assert both[f"pairs/mnist_pairs/{key}"] == pytest.approx(both[f"pairs/mnist_csv/{key}"], abs=1e-7), key
+    assert not any(key.startswith("pairs/verification") for key in both)
+    alone = evaluated(f"evaluation.pairs={binary}")
+    assert alone["pairs/verification_auc"] == pytest.approx(both["pairs/mnist_pairs/verification_auc"], abs=1e-7)
+    flipped = evaluated(f"evaluation.pairs={binary}", "evaluation.flip=true")
+    assert flipped["pairs/threshold"] != pytest.approx(alone["pairs/threshold"], abs=1e-6)
+
+
+def test_two_sets_of_one_name_and_a_hostile_bin_stop_before_any_work(tmp_path: Path) -> None:
+    import pickle
+
+    from arcface_lightning.core.checks import BadValue
+    from arcface_lightning.training.callbacks import PairVerification
+
+    with pytest.raises(BadValue, match=r"pairs=\['a/lfw\.bin', 'b/lfw\.bin'\] is invalid; allowed: sets of distinct"):
+        PairVerification(["a/lfw.bin", "b/lfw.bin"])
+    hostile = tmp_path / "lfw.bin"
+    hostile.write_bytes(pickle.dumps(([b"a", b"b"], [True], print)))
+    with pytest.raises(DataError, match=r"lfw\.bin is refused: it names builtins\.print; allowed: a \.bin of plain"):
+        PairVerification([str(hostile)]).setup(None, None, "fit")

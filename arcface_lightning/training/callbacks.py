@@ -12,7 +12,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
-from arcface_lightning.core.checks import check_int
+from arcface_lightning.core.checks import BadValue, check_int
+from arcface_lightning.data.bin_pairs import BinPairs, read_bin
 from arcface_lightning.data.images import ImageFiles
 from arcface_lightning.data.pairs import PairList, read_pairs
 from arcface_lightning.evaluation.figures import angle_figure, class_angles, sphere_figure
@@ -141,42 +142,82 @@ class EmbeddingFigures(L.Callback):
 
 
 class PairVerification(L.Callback):
-    """`evaluation.pairs`: a pair list (data/pairs.py: CSV or LFW's pairs.txt) verified at every test, logged as
-    pairs/verification_acc and pairs/verification_acc_std (over the list's folds, the threshold chosen on the other
-    folds: the LFW protocol), pairs/verification_auc, pairs/tar_at_far_1e-3 and 1e-4, pairs/threshold (the mean of
-    the folds' thresholds, a cosine). The list is read and every image checked for existence at setup, before any
-    training. Its images are decoded at the data module's image_size and in_channels and prepared as its batches
-    are (normalisation), so a model sees pair images exactly as its test images.
+    """`evaluation.pairs`: pair sets verified at every validation epoch and at every test. A set is a pair list
+    (data/pairs.py: CSV or LFW's pairs.txt) or insightface's `.bin` (data/bin_pairs.py: lfw.bin, cfp_fp.bin, …, read
+    as data only). One set is logged as pairs/verification_acc and pairs/verification_acc_std (over its folds, the
+    threshold chosen on the other folds: the LFW protocol), pairs/verification_auc, pairs/tar_at_far_1e-3 and 1e-4,
+    pairs/threshold (the mean of the folds' thresholds, a cosine); a list of sets as pairs/<name>/<metric>, the name
+    being the file's stem (lfw.bin → pairs/lfw/…). Every set is read, and every image checked, at setup, before any
+    training. Images are decoded at the data module's image_size and in_channels and prepared as its batches are,
+    so a model sees pair images exactly as its test images. `flip`: each image's embedding is the sum of its own and
+    its horizontal mirror's, before normalising (the field's usual test-time practice).
 
-    Every process embeds the whole list (pair lists are small: LFW has 7,701 distinct images), so under DDP each
-    rank logs the same numbers without a gather.
+    Every process embeds every set (LFW has 7,701 distinct images, a .bin 12,000), so under DDP each rank logs the
+    same numbers without a gather.
     """
 
-    def __init__(self, pairs: str | None = None, batch_size: int = 256, num_workers: int = 0) -> None:
+    def __init__(
+        self, pairs: str | list[str] | None = None, batch_size: int = 256, num_workers: int = 0, flip: bool = False
+    ) -> None:
         check_int(type(self).__name__, "batch_size", batch_size)
         check_int(type(self).__name__, "num_workers", num_workers, minimum=0)
-        self.path = Path(pairs).expanduser() if pairs else None
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.pairs: PairList | None = None
+        paths = [] if not pairs else [pairs] if isinstance(pairs, (str, Path)) else list(pairs)
+        self.paths = [Path(p).expanduser() for p in paths]
+        names = [p.stem for p in self.paths]
+        if len(set(names)) < len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise BadValue(type(self).__name__, "pairs", paths, f"sets of distinct file names ({twice!r} twice)")
+        self.batch_size, self.num_workers, self.flip = batch_size, num_workers, bool(flip)
+        self.sets: dict[str, PairList | BinPairs] = {}
+        self._decoded: dict[tuple[str, int, int], torch.Tensor] = {}  # a .bin's images, decoded once per size
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.path is not None and self.pairs is None:
-            self.pairs = read_pairs(self.path)
+        for path in self.paths:
+            if path.stem not in self.sets:
+                self.sets[path.stem] = read_bin(path) if path.suffix == ".bin" else read_pairs(path)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._verify(trainer, pl_module)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.pairs is None:
-            return
+        self._verify(trainer, pl_module)
+
+    def _verify(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for name, pairs in self.sets.items():
+            x = self._embed(name, pairs, trainer, pl_module)
+            if isinstance(pairs, BinPairs):
+                a = torch.arange(0, len(x), 2)
+                b, same, fold = a + 1, torch.from_numpy(pairs.same), torch.from_numpy(pairs.fold)
+            else:
+                a, b, same, fold = pairs.a, pairs.b, pairs.same, pairs.fold
+            metrics = pair_metrics((x[a] * x[b]).sum(1), same, fold)
+            prefix = "pairs" if len(self.sets) == 1 else f"pairs/{name}"
+            pl_module.log_dict({f"{prefix}/{key}": value for key, value in metrics.items()}, add_dataloader_idx=False)
+
+    def _embed(self, name: str, pairs: PairList | BinPairs, trainer: L.Trainer, pl_module: L.LightningModule):
         data = trainer.datamodule
-        files = ImageFiles(self.pairs.index(), data.hparams.in_channels, data.hparams.image_size)
-        loader = DataLoader(files, batch_size=self.batch_size, num_workers=self.num_workers)
+        channels, size = data.hparams.in_channels, data.hparams.image_size
+        if isinstance(pairs, BinPairs):
+            key = (name, channels, size)
+            if key not in self._decoded:
+                self._decoded[key] = torch.from_numpy(pairs.decoded(channels, size))
+            batches = self._decoded[key].split(self.batch_size)
+        else:
+            files = ImageFiles(pairs.index(), channels, size)
+            batches = (images for images, _ in DataLoader(files, self.batch_size, num_workers=self.num_workers))
         parts = []
-        for images, _ in loader:
-            with trainer.precision_plugin.forward_context():
-                parts.append(pl_module(data.prepare(images.to(pl_module.device))).float())
-        x = normalize(torch.cat(parts)).cpu()
-        scores = (x[self.pairs.a] * x[self.pairs.b]).sum(1)
-        metrics = pair_metrics(scores, self.pairs.same, self.pairs.fold)
-        pl_module.log_dict({f"pairs/{name}": value for name, value in metrics.items()}, add_dataloader_idx=False)
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            for images in batches:
+                prepared = data.prepare(images.to(pl_module.device))
+                embeddings = pl_module(prepared).float()
+                if self.flip:
+                    embeddings = embeddings + pl_module(prepared.flip(-1)).float()
+                parts.append(embeddings)
+        pl_module.train(was_training)
+        return normalize(torch.cat(parts)).cpu()
 
 
 class VerificationThresholds(L.Callback):
