@@ -42,6 +42,7 @@ from arcface_lightning.core.config import (
     named_error,
     register_configs,
     root_cause,
+    selection_metric,
 )
 from arcface_lightning.core.registry import TargetNotAllowed, check_lr_scheduler, check_part, current_target
 from arcface_lightning.core.runs import (
@@ -121,6 +122,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trainer]:
     """Instantiate data module, model and trainer from the config; a bad value raises a ConfigError naming its key."""
+    check_selection(cfg)
     datamodule = instantiate_node(cfg, "data")
     num_classes = datamodule.count_classes()  # a user's images: indexed now, their classes named and counted
     if cfg.data.get("num_classes") is None:  # for the head's ${data.num_classes}
@@ -142,6 +144,22 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trai
         groups += ["head"] if owner == "PartialFC" else []  # head.sample_rate / head.sharded wrap the head
         raise named_error(cfg, groups[0] if groups else "model", error) from error
     return datamodule, model, trainer
+
+
+def check_selection(cfg: DictConfig) -> None:
+    """`evaluation.select` must name a metric one of `evaluation.pairs` logs (pairs/<metric> for one set,
+    pairs/<set>/<metric> for a list), before any work: ModelCheckpoint would say so only after the first epoch."""
+    select = OmegaConf.select(cfg, "evaluation.select", default=None)
+    if select is None:
+        return
+    selection_metric(cfg.data.val_split, "name", select)  # the form of the name
+    pairs = OmegaConf.select(cfg, "evaluation.pairs", default=None)
+    paths = [] if not pairs else [pairs] if isinstance(pairs, str) else list(pairs)
+    metric = str(select).rpartition("/")[2]
+    logged = [f"pairs/{metric}"] if len(paths) == 1 else [f"pairs/{Path(p).stem}/{metric}" for p in paths]
+    if select not in logged:
+        raise ConfigError(f"evaluation.select={select} is not a metric of evaluation.pairs; allowed: "
+                          f"{', '.join(logged) or 'none (evaluation.pairs is null)'}")  # fmt: skip
 
 
 def check_head_memory(cfg: DictConfig, make_optimizer: Any, trainer: L.Trainer) -> None:

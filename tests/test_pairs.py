@@ -201,3 +201,26 @@ def test_two_sets_of_one_name_and_a_hostile_bin_stop_before_any_work(tmp_path: P
     hostile.write_bytes(pickle.dumps(([b"a", b"b"], [True], print)))
     with pytest.raises(DataError, match=r"lfw\.bin is refused: it names builtins\.print; allowed: a \.bin of plain"):
         PairVerification([str(hostile)]).setup(None, None, "fit")
+
+
+def test_a_pair_sets_metric_can_select_the_checkpoint(pair_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    """`evaluation.select=pairs/verification_auc`: ModelCheckpoint monitors the pair set's validation metric (the
+    best checkpoint is named by it); a metric no set logs, or not a metric, is one line before any work."""
+    train_root, pairs = pair_csv
+    common = ["data=image_folder", f"data.root={train_root}", "data.in_channels=1", "data.image_size=28",
+              "data.val_size=20", "data.num_workers=0", f"evaluation.pairs={pairs}",
+              "trainer.max_epochs=2"]  # fmt: skip
+    cfg = tiny_config(tmp_path, tmp_path / "run", *common, "evaluation.select=pairs/verification_auc")
+    metrics = run(train, cfg)
+    assert (
+        Path(metrics["best_checkpoint"]).name.startswith("epoch_")
+        and "pairs_verification_auc_" in Path(metrics["best_checkpoint"]).name
+    )
+    for select, message in [
+        ("pairs/lfw/verification_acc", r"evaluation\.select=pairs/lfw/verification_acc is not a metric of evaluation"
+                                       r"\.pairs; allowed: pairs/verification_acc$"),
+        ("pairs/threshold", r"evaluation\.select='pairs/threshold' is invalid; allowed: null, or pairs/"),
+    ]:  # fmt: skip
+        bad = tiny_config(tmp_path, tmp_path / "bad", *common, f"evaluation.select={select}")
+        with pytest.raises(SystemExit, match=r"^error: " + message):
+            run(train, bad)

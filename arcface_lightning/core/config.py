@@ -58,14 +58,21 @@ def native_bf16_precision(cpuinfo: Path = Path("/proc/cpuinfo"), capability: str
     return "bf16-mixed" if native else "32-true"
 
 
-def selection_metric(val_split: str, form: str = "name") -> str:
-    """The metric that selects checkpoints for a data.val_split (val/acc, or val/precision_at_1 for by_class); as
-    `filename`, ModelCheckpoint's pattern for it (val_acc_{val/acc:.4f})."""
+PAIR_SELECTION = re.compile(r"^pairs/([\w.-]+/)?(verification_acc|verification_auc|tar_at_far_1e-3|tar_at_far_1e-4)$")
+
+
+def selection_metric(val_split: str, form: str = "name", select: str | None = None) -> str:
+    """The metric that selects checkpoints: for a data.val_split, val/acc (or val/precision_at_1 for by_class); or
+    `evaluation.select`, a pair set's metric at validation (pairs/lfw/verification_acc). As `filename`,
+    ModelCheckpoint's pattern for it (val_acc_{val/acc:.4f})."""
     from arcface_lightning.evaluation.metrics import SELECTION  # torch: only where a training config is resolved
 
     if val_split not in SELECTION:
         raise ConfigError(f"data.val_split={val_split!r} is invalid; allowed: {', '.join(SELECTION)}")
-    name = SELECTION[val_split]
+    if select is not None and not PAIR_SELECTION.match(str(select)):
+        raise ConfigError(f"evaluation.select={select!r} is invalid; allowed: null, or pairs/[<set>/]<metric> with "
+                          "metric verification_acc, verification_auc, tar_at_far_1e-3 or tar_at_far_1e-4")  # fmt: skip
+    name = select if select is not None else SELECTION[val_split]
     return f"{name.replace('/', '_')}_{{{name}:.4f}}" if form == "filename" else name
 
 
@@ -77,8 +84,8 @@ def register_configs() -> None:
       so `trainer.<any flag>=...` works without `+` and stays in step with the installed Lightning;
     - `${repo_root:}`: data/ and logs/ default to the repository, wherever the command is run from;
     - `${native_bf16:}`: see native_bf16_precision;
-    - `${selection:<data.val_split>}`: the validation metric that picks the checkpoint (metrics.SELECTION), and
-      `${selection:<data.val_split>,filename}` the checkpoint file name's pattern for it;
+    - `${selection:<data.val_split>,name,<evaluation.select>}`: the validation metric that picks the checkpoint
+      (metrics.SELECTION, or a pair set's metric), and `${selection:...,filename,...}` the file name's pattern;
     - `${pid:}` in run and sweep dir names: two runs started in the same second never share a folder. Cached, so
       the jobs of a sweep, sent to other processes by launchers, see the launching process's value.
     """
