@@ -40,7 +40,7 @@ from arcface_lightning.core.config import ConfigError
 from arcface_lightning.core.runs import entry_point, start
 from arcface_lightning.core.writing import check_output
 from arcface_lightning.serving.contract import EXPORT_SUFFIXES, save_embeddings
-from arcface_lightning.serving.inference import embed_files, index_inputs, load_model
+from arcface_lightning.serving.inference import embed_files, index_inputs, load_model, with_flip
 
 SPLITS = ("train", "val", "test")
 
@@ -63,6 +63,7 @@ def embed(cfg: DictConfig) -> dict[str, Any]:
     if export:  # in this process, without Lightning
         model, contract = load_model(ckpt_path)
         sources, labels, classes = index_inputs(cfg.input)
+        model = with_flip(model) if cfg.get("flip") else model
         embeddings = embed_files(model, contract, sources, cfg.data.eval_batch_size)
     else:
         from arcface_lightning.serving.checkpoints import Checkpoint  # torch and Lightning: only for a checkpoint

@@ -33,7 +33,7 @@ from arcface_lightning.core.config import ConfigError
 from arcface_lightning.core.runs import entry_point, start
 from arcface_lightning.data.files import read_image
 from arcface_lightning.serving.contract import far_key
-from arcface_lightning.serving.inference import load_model
+from arcface_lightning.serving.inference import load_model, with_flip
 
 log = logging.getLogger(__name__)
 SMALL_IMAGE_FRACTION = 0.5  # of image_size: a shorter side below it is resized up more than 2×
@@ -81,6 +81,7 @@ def verify(cfg: DictConfig) -> dict[str, Any]:
     if threshold is None and not (isinstance(cfg.far, (int, float)) and 0 < cfg.far < 1):
         raise ConfigError(f"far={cfg.far} is not a false accept rate: give a number in (0, 1), e.g. 1e-3")
     embed, contract = load_model(cfg.ckpt_path)
+    embed = with_flip(embed) if cfg.get("flip") else embed
     if threshold is None:
         name = far_key(cfg.far)
         if name not in contract.thresholds:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_images import digits, write_folder
 
 from arcface_lightning.core.runs import run
@@ -190,3 +191,26 @@ def test_embed_under_ddp_merges_the_ranks_shares_in_order_without_the_padding(ch
     assert list(two.sources) == list(one.sources) and list(two.labels) == list(one.labels) == list(labels[:25])
     np.testing.assert_allclose(two.embeddings, one.embeddings, atol=1e-5)
     assert not list(tmp_path.glob("ddp.npz.*"))
+
+
+def test_flip_fuses_each_image_with_its_mirror_the_same_way_in_embed_and_verify(checkpoint, tmp_path) -> None:
+    """flip=true: the image's and its mirror's unit embeddings summed and normalised, by embed with a .ckpt
+    (Trainer.predict) as by the eager model here; so an image and its mirror embed alike, and verify scores them 1."""
+    data, ckpt = checkpoint
+    images, labels = digits(1)
+    folder = write_folder(tmp_path / "images", images, labels)
+    out = tmp_path / "flip.npz"
+    assert run(embed, embed_config(tmp_path, data, ckpt, f"input={folder}", f"output={out}", "flip=true"))["status"]
+    embedder, _ = embedder_from_checkpoint(ckpt)
+    with torch.inference_mode():
+        batch = torch.from_numpy(images)[:, None]
+        fused = torch.nn.functional.normalize(embedder(batch) + embedder(batch.flip(-1)), dim=1).numpy()
+        plain = embedder(batch).numpy()
+    np.testing.assert_allclose(read_embeddings(out).embeddings, fused, atol=1e-5)
+    assert np.abs(fused - plain).max() > 1e-3  # the mirror changes the embedding
+    paths, _, _ = index_inputs(folder)
+    mirror = tmp_path / "mirror.png"
+    Image.fromarray(images[0][:, ::-1]).save(mirror)
+    flipped = run(verify, verify_config(tmp_path, f"ckpt_path={ckpt}", f"a={paths[0]}", f"b={mirror}", "flip=true"))
+    plain_score = run(verify, verify_config(tmp_path, f"ckpt_path={ckpt}", f"a={paths[0]}", f"b={mirror}"))["score"]
+    assert flipped["score"] == pytest.approx(1.0, abs=1e-5) and plain_score < 1 - 1e-4

@@ -106,6 +106,17 @@ def load_model(path: str | Path, key: str = "ckpt_path", threads: int | None = N
     return run_eager, contract
 
 
+def with_flip(embed: EmbedFn) -> EmbedFn:
+    """`embed` fused with the horizontal mirror: the image's and the mirror's unit embeddings summed and normalised
+    (the field's test-time flip; exports output unit embeddings, so every path fuses them the same way)."""
+
+    def fused(images: np.ndarray) -> np.ndarray:
+        total = embed(images) + embed(np.ascontiguousarray(images[..., ::-1]))
+        return total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
+
+    return fused
+
+
 def embed_images(embed: EmbedFn, images: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
     """Embeddings of decoded uint8 images, `batch_size` at a time."""
     parts = [embed(np.stack(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]

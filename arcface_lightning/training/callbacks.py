@@ -150,7 +150,8 @@ class PairVerification(L.Callback):
     being the file's stem (lfw.bin → pairs/lfw/…). Every set is read, and every image checked, at setup, before any
     training. Images are decoded at the data module's image_size and in_channels and prepared as its batches are,
     so a model sees pair images exactly as its test images. `flip`: each image's embedding is the sum of its own and
-    its horizontal mirror's, before normalising (the field's usual test-time practice).
+    its horizontal mirror's unit embeddings, normalised (the field's test-time practice; embed and verify fuse the
+    same way, serving/inference.with_flip).
 
     Every process embeds every set (LFW has 7,701 distinct images, a .bin 12,000), so under DDP each rank logs the
     same numbers without a gather.
@@ -212,9 +213,9 @@ class PairVerification(L.Callback):
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             for images in batches:
                 prepared = data.prepare(images.to(pl_module.device))
-                embeddings = pl_module(prepared).float()
-                if self.flip:
-                    embeddings = embeddings + pl_module(prepared.flip(-1)).float()
+                embeddings = normalize(pl_module(prepared).float())
+                if self.flip:  # the mirror's unit embedding added: the fusion embed and verify use
+                    embeddings = embeddings + normalize(pl_module(prepared.flip(-1)).float())
                 parts.append(embeddings)
         pl_module.train(was_training)
         return normalize(torch.cat(parts)).cpu()

@@ -132,6 +132,7 @@ class ArcFaceModule(L.LightningModule):
         # true on the device once a training loss is not finite; read on logging steps only (see the class doc).
         # A plain attribute, not a buffer: DDP would overwrite every rank's buffers with rank zero's.
         self._loss_not_finite: torch.Tensor | None = None
+        self.predict_flip = False  # embed flip=true: predict_step fuses each image with its mirror
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings (batch, embedding_size)."""
@@ -223,7 +224,10 @@ class ArcFaceModule(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         """L2-normalised embeddings of a batch of images, and its labels when the batch has them."""
         images, labels = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1])
-        out = {"embeddings": heads.normalize(self(images).float())}
+        embeddings = heads.normalize(self(images).float())
+        if self.predict_flip:  # the mirror's unit embedding added (serving/inference.with_flip: the same fusion)
+            embeddings = heads.normalize(embeddings + heads.normalize(self(images.flip(-1)).float()))
+        out = {"embeddings": embeddings}
         return out if labels is None else {**out, "labels": labels}
 
     def on_test_epoch_start(self) -> None:

@@ -75,6 +75,7 @@ def predict(cfg: DictConfig, checkpoint: Checkpoint, output: Path) -> Predicted 
     """(embeddings, labels, sources, classes) of `cfg.input` (images) or of `cfg.split` of the checkpoint's data set,
     on rank zero; None on the other ranks. The shares are removed before this returns, whatever happens."""
     model, datamodule = load_checkpoint(cfg, checkpoint)
+    model.predict_flip = bool(cfg.get("flip"))
     contract = checkpoint.contract
     if cfg.input is not None:  # read the list before any work: a missing folder or an empty one is one line
         paths, labels, classes = index_inputs(cfg.input)
