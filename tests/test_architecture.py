@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT
 
 ENTRY_POINTS = [f"arcface_lightning.{name}" for name in ("train", "evaluate", "embed", "export", "search", "verify",
-                                                          "compare", "pack", "report", "align")]  # fmt: skip
+                                                          "compare", "pack", "report", "align", "ijb")]  # fmt: skip
 LAYERS = {
     "the model's parts (no Lightning, no Hydra)": (
         [f"models.{name}" for name in ("protocol", "heads", "recent_heads", "distributed", "head_memory", "backbones",
@@ -73,7 +73,7 @@ def test_every_command_has_a_console_script() -> None:
     from importlib.metadata import distribution
 
     scripts = {e.name: e for e in distribution("arcface-lightning").entry_points if e.group == "console_scripts"}
-    commands = {"train", "evaluate", "embed", "export", "search", "verify", "compare", "pack", "report", "align"}
+    commands = {"train", "evaluate", "embed", "export", "search", "verify", "compare", "pack", "report", "align", "ijb"}
     assert {name.removeprefix("arcface-") for name in scripts} == commands
     for name, entry in scripts.items():
         assert entry.module == f"arcface_lightning.{name.removeprefix('arcface-')}", entry
@@ -81,7 +81,7 @@ def test_every_command_has_a_console_script() -> None:
 
 
 HYDRA_COMMANDS = {"train": "train", "evaluate": "eval", "embed": "embed", "export": "export", "search": "search",
-                  "verify": "verify", "compare": "compare"}  # fmt: skip
+                  "verify": "verify", "compare": "compare", "ijb": "ijb"}  # fmt: skip
 
 
 @pytest.mark.parametrize("command", HYDRA_COMMANDS)
