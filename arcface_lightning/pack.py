@@ -39,8 +39,8 @@ from torchvision.io import read_file
 from arcface_lightning.core.checks import OneLineParser, first_line
 from arcface_lightning.data.datamodule import ImageDataModule
 from arcface_lightning.data.datasets import DataError
+from arcface_lightning.data.sources.packed import FORMAT, SPLITS, VERSION
 from arcface_lightning.data.splits import is_size
-from arcface_lightning.data.streaming import FORMAT, SPLITS, VERSION
 from arcface_lightning.data.tensors import targets, unwrap
 
 # LitData's default outside notebooks is spawn: every worker of every split re-imports torch (seconds each). The

@@ -13,6 +13,7 @@ from torchvision import datasets, transforms
 from arcface_lightning.data import DataError, ImageDataModule
 from arcface_lightning.data.augment import DEFAULTS as augment_defaults
 from arcface_lightning.data.augment import _warp, random_affine, random_crop_flip
+from arcface_lightning.data.sources.torchvision_sets import TorchvisionSet
 from conftest import write_mnist
 
 
@@ -355,8 +356,8 @@ def test_the_open_set_and_the_test_set_share_one_load(mnist_root: Path, monkeypa
         data_dir=str(mnist_root), download=False, num_classes=5, train_classes=[0, 1, 2, 3, 4], open_classes=[5, 6]
     )
     loads = []
-    original = ImageDataModule._pool
-    monkeypatch.setattr(ImageDataModule, "_pool", lambda self, train: loads.append(train) or original(self, train))
+    original = TorchvisionSet.load  # the source reads its files here, once per pool
+    monkeypatch.setattr(TorchvisionSet, "load", lambda self, train: loads.append(train) or original(self, train))
     dm.setup("test")
     assert loads == [False]
     assert sorted(set(labels_of(dm.test_set))) == [0, 1, 2, 3, 4]  # relabelled for the head
