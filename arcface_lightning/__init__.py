@@ -8,7 +8,7 @@ The layers, each a subpackage (docs/architecture.md is the map; tests/test_archi
     evaluation/  retrieval and verification metrics, figures, a sweep's jobs read back
     serving/     the preprocessing contract, checkpoints opened once, a .onnx/.pt/.ckpt as an embedding function
     core/        what every command shares: user errors, configs, the command line, the runner, the allow-list
-    train.py evaluate.py embed.py export.py search.py verify.py pack.py report.py compare.py: the nine commands
+    train.py evaluate.py embed.py export.py search.py verify.py pack.py report.py compare.py align.py: the commands
 
 The public classes below are importable from here (`from arcface_lightning import ArcFaceHead`), each on first use:
 importing the package imports neither torch nor Lightning, so the serving commands stay light.

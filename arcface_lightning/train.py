@@ -43,7 +43,7 @@ from arcface_lightning.core.config import (
     register_configs,
     root_cause,
 )
-from arcface_lightning.core.registry import TargetNotAllowed, check_lr_scheduler, check_part
+from arcface_lightning.core.registry import TargetNotAllowed, check_lr_scheduler, check_part, current_target
 from arcface_lightning.core.runs import (
     build_trainer,
     check_ckpt_path,
@@ -53,9 +53,11 @@ from arcface_lightning.core.runs import (
     start,
     write_classes,
 )
+from arcface_lightning.models.head_memory import GIB, available_bytes, head_memory, optimizer_state_per_value
+from arcface_lightning.models.partial_fc import AUTO_SHARD_CLASSES
 from arcface_lightning.serving.checkpoints import Checkpoint
 from arcface_lightning.training.callbacks import ContractInCheckpoint
-from arcface_lightning.training.module import ArcFaceModule
+from arcface_lightning.training.module import ArcFaceModule, build_part
 
 # beside the hyper-parameters in TensorBoard's HPARAMS tab (by_class runs have no closed-set accuracy)
 HPARAMS_METRICS = ("val/acc_best", "val/precision_at_1_best", "test/acc", "test/acc_margin", "test/precision_at_1")
@@ -123,7 +125,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trai
     num_classes = datamodule.count_classes()  # a user's images: indexed now, their classes named and counted
     if cfg.data.get("num_classes") is None:  # for the head's ${data.num_classes}
         cfg.data.num_classes = num_classes
-    check_optimization(cfg)
+    make_optimizer = check_optimization(cfg)
+    trainer = build_trainer(cfg, ContractInCheckpoint())  # not a config choice: every checkpoint has its contract
+    check_head_memory(cfg, make_optimizer, trainer)
     try:
         # conf/model/: the backbone, head, optimizer and scheduler groups wired up. From a plain copy: Hydra resolves
         # the node it instantiates in place, and the error below needs cfg's interpolations to name their source.
@@ -137,13 +141,38 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, ArcFaceModule, L.Trai
         groups = [g for g, target in targets.items() if f"'{target}'" in text or target.endswith(f".{owner}")]
         groups += ["head"] if owner == "PartialFC" else []  # head.sample_rate / head.sharded wrap the head
         raise named_error(cfg, groups[0] if groups else "model", error) from error
-    trainer = build_trainer(cfg, ContractInCheckpoint())  # not a config choice: every checkpoint has its contract
     return datamodule, model, trainer
 
 
-def check_optimization(cfg: DictConfig) -> None:
+def check_head_memory(cfg: DictConfig, make_optimizer: Any, trainer: L.Trainer) -> None:
+    """Log what the head's weights, gradients and optimiser state will take per process, before the head exists,
+    and refuse in one line when that alone exceeds the memory the process can have (models/head_memory.py)."""
+    head = OmegaConf.to_container(cfg.head, resolve=True)
+    sample_rate, sharded = head.pop("sample_rate", 1.0), head.pop("sharded", False)
+    try:
+        with torch.device("meta"):  # the parameters' shapes without their memory
+            values = sum(p.numel() for p in build_part(current_target(head), "head").parameters())
+        classes, size = int(head["num_classes"]), int(head["embedding_size"])
+    except Exception:  # a bad head value: the model's build names it next, in its own words
+        return
+    world = trainer.world_size
+    shards = world > 1 and (sharded is True or (sharded == "auto" and classes >= AUTO_SHARD_CLASSES))
+    memory = head_memory(values, classes, size, optimizer_state_per_value(make_optimizer), sample_rate, shards, world,
+                         global_batch=int(cfg.data.batch_size) * world)  # fmt: skip
+    device = trainer.strategy.root_device
+    available = available_bytes(device, processes_on_host=1 if device.type == "cuda" else trainer.num_devices)
+    log.info(f"head memory: {memory.describe()}; this process can have {available / GIB:.1f} GiB")
+    if memory.total > available:
+        raise ConfigError(
+            f"head: its weights, gradients and optimiser state take {memory.total / GIB:.2f} GiB per process "
+            f"({memory.rows}), more than the {available / GIB:.1f} GiB this process can have; allowed: fewer "
+            "classes, head.sample_rate < 1, or head.sharded=true over more devices"
+        )
+
+
+def check_optimization(cfg: DictConfig) -> Any:
     """Build the optimizer and scheduler once on a stand-in parameter, so that a bad value fails now, in one line,
-    and not when Lightning calls configure_optimizers after setting everything up."""
+    and not when Lightning calls configure_optimizers after setting everything up. Returns the optimizer's factory."""
     check_part(OmegaConf.to_container(cfg.optimizer, resolve=True), "optimizer")
     if cfg.get("scheduler") is not None:
         check_lr_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True))
@@ -152,13 +181,14 @@ def check_optimization(cfg: DictConfig) -> None:
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
             raise ConfigError(f"optimizer.{key}={value!r} is invalid; allowed: a number ≥ 0")
     try:
-        optimizer = instantiate_node(cfg, "optimizer")(params=[torch.nn.Parameter(torch.zeros(1))])
+        make_optimizer = instantiate_node(cfg, "optimizer")
+        optimizer = make_optimizer(params=[torch.nn.Parameter(torch.zeros(1))])
     except ConfigError:
         raise
     except Exception as error:
         raise named_error(cfg, "optimizer", error) from error
     if cfg.get("scheduler") is None:
-        return
+        return make_optimizer
     factory = OmegaConf.select(cfg, "scheduler.scheduler")
     if factory is None:
         raise ConfigError("scheduler.scheduler is missing: the config of a partial torch.optim.lr_scheduler class")
@@ -172,6 +202,7 @@ def check_optimization(cfg: DictConfig) -> None:
     interval = cfg.scheduler.get("interval", "epoch")
     if interval not in ("epoch", "step"):
         raise ConfigError(f"scheduler.interval={interval!r} is invalid; allowed: epoch, step")
+    return make_optimizer
 
 
 def check_resume(model: ArcFaceModule, checkpoint: Checkpoint) -> None:

@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 from conftest import ROOT
 
 ENTRY_POINTS = [f"arcface_lightning.{name}" for name in ("train", "evaluate", "embed", "export", "search", "verify",
-                                                          "compare", "pack", "report")]  # fmt: skip
+                                                          "compare", "pack", "report", "align")]  # fmt: skip
 LAYERS = {
     "the model's parts (no Lightning, no Hydra)": (
-        [f"models.{name}" for name in ("protocol", "heads", "recent_heads", "distributed", "backbones",
+        [f"models.{name}" for name in ("protocol", "heads", "recent_heads", "distributed", "head_memory", "backbones",
                                         "face_backbones", "partial_fc")]
         + ["evaluation.metrics", "evaluation.figures", "serving.checkpoints"],
         ["lightning", "pytorch_lightning", "hydra", "omegaconf", "arcface_lightning.data", "arcface_lightning.training",
@@ -27,7 +27,7 @@ LAYERS = {
     ),
     "the data path (no Lightning, no Hydra, not the model)": (
         [f"data.{name}" for name in ("datasets", "splits", "pairs", "settings", "tensors", "augment", "images",
-                                     "files")],
+                                     "files", "recordio", "bin_pairs", "landmarks")],
         ["lightning", "hydra", "arcface_lightning.models", "arcface_lightning.training", *ENTRY_POINTS],
     ),
     "the serving core and commands (no torch)": (
@@ -69,11 +69,11 @@ def test_the_rules_can_fail() -> None:
 
 
 def test_every_command_has_a_console_script() -> None:
-    """The nine commands, each an `arcface-<name>` console script of the installed package naming a callable."""
+    """The commands, each an `arcface-<name>` console script of the installed package naming a callable."""
     from importlib.metadata import distribution
 
     scripts = {e.name: e for e in distribution("arcface-lightning").entry_points if e.group == "console_scripts"}
-    commands = {"train", "evaluate", "embed", "export", "search", "verify", "compare", "pack", "report"}
+    commands = {"train", "evaluate", "embed", "export", "search", "verify", "compare", "pack", "report", "align"}
     assert {name.removeprefix("arcface-") for name in scripts} == commands
     for name, entry in scripts.items():
         assert entry.module == f"arcface_lightning.{name.removeprefix('arcface-')}", entry
