@@ -10,7 +10,7 @@ with their labels, in a seeded random order (LitData shuffles chunks and samples
 classes). Every image is decoded once while indexing (data/images.py, in --workers processes): files that cannot
 be decoded are skipped and listed in `<output>/skipped.txt` (the count is printed). `<output>/arcface.json`
 records the format version, the sample counts, the class names and the split; training checks it and the chunk
-files before it starts (data/streaming.py).
+files before it starts (data/sources/packed.py).
 
 The set is written into `<output>.partial-<pid>` and renamed to `<output>` at the end: a failed or interrupted run
 (SIGINT, SIGTERM) removes it, stops its worker processes and exits non-zero. An existing `<output>` is never
@@ -39,8 +39,8 @@ from torchvision.io import read_file
 from arcface_lightning.core.checks import OneLineParser, first_line
 from arcface_lightning.data.datamodule import ImageDataModule
 from arcface_lightning.data.datasets import DataError
+from arcface_lightning.data.sources.packed import FORMAT, SPLITS, VERSION
 from arcface_lightning.data.splits import is_size
-from arcface_lightning.data.streaming import FORMAT, SPLITS, VERSION
 from arcface_lightning.data.tensors import targets, unwrap
 
 # LitData's default outside notebooks is spawn: every worker of every split re-imports torch (seconds each). The
@@ -48,7 +48,7 @@ from arcface_lightning.data.tensors import targets, unwrap
 # and split the files; the images were decoded in loader worker processes), so where fork exists they are forked.
 START_METHOD = "fork" if sys.platform.startswith("linux") else None
 
-os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # see data/streaming.py
+os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # see data/sources/packed.py
 
 
 class Interrupted(Exception):

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from arcface_lightning.data import DataError, ImageDataModule
 from arcface_lightning.data.augment import DEFAULTS as augment_defaults
 from arcface_lightning.data.augment import _warp, random_affine, random_crop_flip
-from conftest import write_mnist
+from arcface_lightning.data.sources import SOURCES, Source, register_source
+from arcface_lightning.data.sources.torchvision_sets import TorchvisionSet
+from arcface_lightning.train import train
+from conftest import tiny_config, write_mnist
 
 
 def test_mnist_split_sizes_batches_and_normalisation(mnist_root: Path) -> None:
@@ -355,9 +360,68 @@ def test_the_open_set_and_the_test_set_share_one_load(mnist_root: Path, monkeypa
         data_dir=str(mnist_root), download=False, num_classes=5, train_classes=[0, 1, 2, 3, 4], open_classes=[5, 6]
     )
     loads = []
-    original = ImageDataModule._pool
-    monkeypatch.setattr(ImageDataModule, "_pool", lambda self, train: loads.append(train) or original(self, train))
+    original = TorchvisionSet.load  # the source reads its files here, once per pool
+    monkeypatch.setattr(TorchvisionSet, "load", lambda self, train: loads.append(train) or original(self, train))
     dm.setup("test")
     assert loads == [False]
     assert sorted(set(labels_of(dm.test_set))) == [0, 1, 2, 3, 4]  # relabelled for the head
     assert sorted(set(labels_of(dm.open_set))) == [5, 6]  # the original ids
+
+
+class Squares(Dataset):
+    """A toy data set: 28×28 grey noise with a bright square whose row is the class (10 classes), as uint8 (1, H, W)
+    samples with torchvision's dataset attributes (`targets`, `classes`, `target_transform`)."""
+
+    def __init__(self, per_class: int) -> None:
+        self.targets = torch.arange(10).repeat(per_class)
+        self.images = torch.randint(0, 60, (len(self.targets), 1, 28, 28), generator=torch.Generator().manual_seed(0))
+        for image, label in zip(self.images, self.targets.tolist(), strict=True):
+            image[:, 2 * label : 2 * label + 6, 10:16] = 255
+        self.images = self.images.to(torch.uint8)
+        self.classes = [f"square_{c}" for c in range(10)]
+        self.target_transform = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        label = int(self.targets[i])
+        return self.images[i], self.target_transform(label) if self.target_transform else label
+
+
+class SquaresSource(Source):
+    """A new source, whole: its pool and that its class names are the data module's. No test set of its own: the
+    split holds one out of the pool."""
+
+    keeps_class_names = True
+
+    def load(self, train: bool) -> Dataset:
+        return Squares(per_class=30)
+
+
+@pytest.fixture
+def squares_source():
+    register_source("squares", SquaresSource)
+    yield
+    del SOURCES["squares"]
+
+
+def test_a_new_source_is_one_class_and_one_registration(squares_source, tmp_path: Path) -> None:
+    """A source added outside the package trains through the data module, splits, pipeline and train command as
+    they are: `data.dataset=<its name>` is all the config needs."""
+    dm = ImageDataModule(dataset="squares", num_classes=None, val_size=50, mean=None, std=None)
+    assert dm.count_classes() == 10 and dm.classes == [f"square_{c}" for c in range(10)]
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (200, 50, 50)  # test held out of the pool
+    drawn = [set(split.indices) for split in (dm.train_set, dm.val_set, dm.test_set)]
+    assert len(set.union(*drawn)) == 300  # disjoint
+    images, labels = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert images.shape == (64, 1, 28, 28) and images.dtype == torch.float32 and labels.max() < 10
+
+    cfg = tiny_config(
+        tmp_path, tmp_path / "run", "data.dataset=squares", "data.num_classes=null", "trainer.fast_dev_run=2"
+    )
+    metrics = train(cfg)
+    assert metrics["epochs"] == 1 and 0.0 <= metrics["test/acc"] <= 1.0
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert json.loads((tmp_path / "run" / "classes.json").read_text()) == [f"square_{c}" for c in range(10)]

@@ -15,7 +15,8 @@ from test_images import digits, write_folder
 
 from arcface_lightning.core.runs import run
 from arcface_lightning.data import DataError
-from arcface_lightning.data.streaming import StreamingDataModule, read_manifest
+from arcface_lightning.data.sources.packed import read_manifest
+from arcface_lightning.data.streaming import StreamingDataModule
 from arcface_lightning.evaluate import evaluate
 from arcface_lightning.train import train
 from conftest import cli, compose_config, tiny_config

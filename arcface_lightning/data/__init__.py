@@ -1,5 +1,6 @@
-"""Data: which samples (datasets.py), how they become batches (datamodule.py), the in-memory uint8 set
-(tensors.py) and batched augmentation on the device (augment.py).
+"""Data: which samples (sources/, one file per `data.dataset`), how they are split (splits.py) and how they become
+batches (pipelines.py: the in-memory uint8 set of tensors.py, batched augmentation on the device of augment.py),
+composed by the data module (datamodule.py).
 
 `ImageDataModule` is imported on first use (PEP 562): it brings Lightning and torchvision, and a command that only
 decodes a user's images (data/images.py: verify, search, embed with an export) must not pay for them.

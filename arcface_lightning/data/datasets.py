@@ -1,73 +1,18 @@
-"""The data sets: torchvision's registry, where their files live, download, loading with a diagnosis, class splits.
-
-Everything here answers "which samples, with which labels?" and says in one line what is wrong when the files or
-the config do not fit. How the samples become batches is datamodule.py's job.
+"""What every source's datasets share: their labels checked, some classes selected (and relabelled for the head),
+the open-set class lists checked, a per-sample transform swapped. Each works on any dataset with torchvision's
+attributes (`targets`, `classes`, `target_transform`) or nested Subsets of one; each error is one line.
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
-from torchvision import datasets
 
-from arcface_lightning.core.checks import DataError, first_line
+from arcface_lightning.core.checks import DataError
 from arcface_lightning.data.tensors import targets
-
-DATASETS: dict[str, type[datasets.VisionDataset]] = {
-    "MNIST": datasets.MNIST,
-    "FashionMNIST": datasets.FashionMNIST,
-    "KMNIST": datasets.KMNIST,
-    "CIFAR10": datasets.CIFAR10,
-}
-
-
-def folder(root: Path, name: str) -> Path:
-    """Where torchvision keeps a set's files under `root` (MNIST-format sets: <root>/<Name>/raw)."""
-    cls = DATASETS[name]
-    if issubclass(cls, datasets.CIFAR10):
-        return root / cls.base_folder
-    return root / cls.__name__ / "raw"
-
-
-def download(name: str, root: Path) -> None:
-    """Fetch both splits of a set into `root` (torchvision skips files that are already there and intact)."""
-    for train in (True, False):
-        try:
-            DATASETS[name](str(root), train=train, download=True)
-        except Exception as error:  # network errors come as URLError, HTTPError, OSError or RuntimeError
-            raise DataError(
-                f"could not download {name} into {folder(root, name)}: {first_line(error)}. "
-                f"Without network, copy the files there and set data.download=false, "
-                f"or set paths.data_dir=<folder that has them>"
-            ) from error
-
-
-def load(name: str, root: Path, train: bool, shape: tuple[int, int, int], num_classes: int | None) -> Dataset:
-    """One split of a set, checked against the config: its files readable, its images (C, H, W) == `shape`, and
-    (when `num_classes` is given, i.e. all classes are used) its class count. One line says what is wrong."""
-    split, where = "train" if train else "test", folder(root, name)
-    try:
-        dataset = DATASETS[name](str(root), train=train, download=False)
-        image, _ = dataset[0]  # a PIL image: decodes one sample, so unreadable files fail here
-    except Exception as error:
-        message = str(error)  # torchvision: "Dataset not found[ or corrupted]. You can use download=True ..."
-        if "not found" in message:
-            state = "not found or corrupt" if "corrupt" in message else "not found"
-            fix = f"set paths.data_dir=<folder that holds {where.relative_to(root)}> or data.download=true"
-        else:
-            state = f"unreadable ({first_line(error)})"
-            fix = "delete those files and set data.download=true, or set paths.data_dir=<folder with good copies>"
-        raise DataError(f"{name} {split} set {state} in {where}; {fix}") from error
-    if num_classes is not None and len(dataset.classes) != num_classes:
-        raise DataError(f"data.num_classes={num_classes} but {name} has {len(dataset.classes)}")
-    found = (len(image.getbands()), image.height, image.width)
-    if found != shape:
-        raise DataError(f"{name} images are {found} but the data config says {shape} (in_channels, image_size)")
-    return dataset
 
 
 def check_labels(dataset: Dataset, num_classes: int, what: str) -> None:

@@ -8,7 +8,7 @@ once before training, then served as uint8 (C, H, W) tensors decoded in the Data
   when the loader reads it.
 - `ImageFiles`: the indexed files as a map-style dataset, converted to `in_channels` and resized (shorter side) then
   centre-cropped to `image_size` (files.read_image). Normalisation and augmentation happen later, batched on the
-  training device, as for every other source (datamodule.py).
+  training device, as for every other source (pipelines.py).
 """
 
 from __future__ import annotations

@@ -3,25 +3,26 @@ names the key, the value and what is allowed (checks.py); a bad combination, a V
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from arcface_lightning.core.checks import check_choice, check_int, is_int, is_number, require
 from arcface_lightning.data import augment as augmentation
-from arcface_lightning.data import datasets as sets
 from arcface_lightning.data import splits
+from arcface_lightning.data.datasets import check_class_split
+from arcface_lightning.data.sources import SOURCES
 
 PIPELINES = ("tensor", "torchvision")
-OWN_SOURCES = {"image_folder": "a folder", "image_list": "a CSV file", "streaming": "a packed set"}  # data.root
 CACHES = ("none", "memory")
 VAL_SPLITS = ("by_sample", "by_class")
 LEGACY_AUGMENT_KEYS = ("degrees", "translate", "scale", "crop_padding")  # now data.augment.<key>
 
 
-def check_settings(owner: str, given: dict[str, Any]) -> tuple[dict[str, Any], list[float], list[float]]:
-    """Check ImageDataModule's arguments (`given`, by name); return what is completed from them: the full augment
-    node (with the deprecated flat keys folded in), and mean and std (null: 0.5 per channel)."""
+def check_settings(owner: str, given: Mapping[str, Any], legacy: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ImageDataModule's arguments (`given`, by name; `legacy`: the deprecated flat augment keys); return what
+    is completed from them: the full augment node (the flat keys folded in), mean and std (null: 0.5 per channel)."""
     dataset, pipeline, channels = given["dataset"], given["pipeline"], given["in_channels"]
-    check_choice(owner, "dataset", dataset, [*sets.DATASETS, *OWN_SOURCES])
+    check_choice(owner, "dataset", dataset, list(SOURCES))
     check_choice(owner, "pipeline", pipeline, PIPELINES)
     check_choice(owner, "cache", given["cache"], CACHES)
     check_choice(owner, "val_split", given["val_split"], VAL_SPLITS)
@@ -29,11 +30,12 @@ def check_settings(owner: str, given: dict[str, Any]) -> tuple[dict[str, Any], l
         raise ValueError(
             "data.val_split=by_class holds out classes itself; it takes no data.train_classes/open_classes"
         )
-    if dataset in OWN_SOURCES:
-        require(owner, "root", given["root"], f"the path of {OWN_SOURCES[dataset]}", bool)
-        if pipeline != "tensor":
-            raise ValueError(f"data.pipeline={pipeline} reads torchvision's sets; {dataset} uses pipeline=tensor")
-    augment = augmentation.settings(owner, given["augment"], {key: given[key] for key in LEGACY_AUGMENT_KEYS})
+    source = SOURCES[dataset]
+    if source.root_is is not None:
+        require(owner, "root", given["root"], f"the path of {source.root_is}", bool)
+    if pipeline != "tensor" and not source.per_sample_pipeline:
+        raise ValueError(f"data.pipeline={pipeline} reads torchvision's sets; {dataset} uses pipeline=tensor")
+    augment = augmentation.settings(owner, given["augment"], dict(legacy))
     for name in ("batch_size", "eval_batch_size", "in_channels", "image_size"):
         check_int(owner, name, given[name])
     counted = "null (counted from the data) or an integer ≥ 1"
@@ -56,5 +58,5 @@ def check_settings(owner: str, given: dict[str, Any]) -> tuple[dict[str, Any], l
         require(owner, "std", std, "numbers > 0", lambda v: min(v) > 0)
     if given["on_device"] and (pipeline != "tensor" or given["num_workers"]):
         raise ValueError("data.on_device=true needs data.pipeline=tensor and data.num_workers=0")
-    sets.check_class_split(given["train_classes"], given["open_classes"], given["num_classes"])
-    return augment, mean, std
+    check_class_split(given["train_classes"], given["open_classes"], given["num_classes"])
+    return {"augment": augment, "mean": mean, "std": std}

@@ -1,16 +1,27 @@
-"""Seeded splits of a training pool: by sample (validation and held-out test images from every class) or by class
-(whole classes held out, for identity data). The generator is seeded with data.split_seed alone, so every run,
-stage and process draws the same split.
+"""How a source's samples become the train / validation / test splits and the open set (`data.val_split`):
+
+- `BySample`: validation (and, for a source without a test set, a held-out test split) drawn from every class of
+  the training pool; with `data.train_classes`, only those classes, relabelled 0..n-1 for the head, and
+  `data.open_classes` as the open set (retrieval on classes never trained on).
+- `ByClass`: whole classes (identities) held out for validation and test, for identity data.
+- `Fixed`: the splits a source drew when it was made (a packed set), taken as they are.
+
+The generator is seeded with data.split_seed alone, so every run, stage and process draws the same split.
+`val_size` and `test_size` are counts (of images; of classes for by_class), or fractions of the pool below 1.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import Dataset, random_split
+from torch.utils.data import Dataset, Subset, random_split
 
-from arcface_lightning.data.datasets import DataError
+from arcface_lightning.data.datasets import DataError, check_labels, select_classes
+from arcface_lightning.data.tensors import targets
+
+if TYPE_CHECKING:
+    from arcface_lightning.data.sources.base import Source
 
 
 def is_size(value: Any) -> bool:
@@ -59,3 +70,126 @@ def by_class(
     held_val, held_test = sorted(order[:val].tolist()), sorted(order[val : val + test].tolist())
     held = set(held_val) | set(held_test)
     return [c for c in range(num_classes) if counts[c] > 0 and c not in held], held_val, held_test
+
+
+class Split:
+    """The splits of one source under the checked `data.*` settings (shared with the data module)."""
+
+    def __init__(self, source: Source, settings: Any) -> None:
+        self.source, self.settings = source, settings
+
+    def class_ids(self) -> list[int] | None:
+        """The training pool's class ids the head learns, in the head's order (None: all of them)."""
+        return None
+
+    def train_and_val(self) -> tuple[Dataset, Dataset]:
+        raise NotImplementedError
+
+    def test(self) -> Dataset:
+        raise NotImplementedError
+
+    def open_set(self) -> Dataset | None:
+        """Test images of classes never trained on, with their pool's labels (data.open_classes); None without."""
+        return None
+
+
+class Fixed(Split):
+    def train_and_val(self) -> tuple[Dataset, Dataset]:
+        return self.source.split("train"), self.source.split("val")
+
+    def test(self) -> Dataset:
+        return self.source.split("test")
+
+
+class PoolSplit(Split):
+    """What BySample and ByClass share: the pool split once (train, validation, held-out test), the open set."""
+
+    def __init__(self, source: Source, settings: Any) -> None:
+        super().__init__(source, settings)
+        self._drawn: list[Dataset] | None = None  # train, validation, held-out test (empty where there is a test set)
+
+    def drawn(self) -> list[Dataset]:
+        if self._drawn is None:
+            self._drawn = self.draw()
+        return self._drawn
+
+    def draw(self) -> list[Dataset]:
+        raise NotImplementedError
+
+    def train_and_val(self) -> tuple[Dataset, Dataset]:
+        train, val, _ = self.drawn()
+        return train, val
+
+    def training_pool(self) -> Dataset:
+        """The pool's classes the head learns, relabelled for it, their labels checked."""
+        hp = self.settings
+        full = select_classes(self.source.pool(train=True), self.class_ids(), hp.dataset)
+        check_labels(full, hp.num_classes, f"{hp.dataset} train set")
+        return full
+
+    def open_set(self) -> Dataset | None:
+        classes = self.settings.open_classes
+        return self.select(self.source.pool(train=not self.source.has_test_set), classes) if classes else None
+
+    def select(self, pool: Dataset, classes: list[int]) -> Dataset:
+        """The samples of some classes with their pool's labels (held-out and open-set classes)."""
+        return select_classes(pool, classes, self.settings.dataset, relabel=False)
+
+
+class BySample(PoolSplit):
+    def class_ids(self) -> list[int] | None:
+        return self.settings.train_classes
+
+    def draw(self) -> list[Dataset]:
+        hp = self.settings
+        test_size = 0 if self.source.has_test_set else hp.test_size
+        return by_sample(self.training_pool(), hp.val_size, test_size, hp.split_seed)
+
+    def test(self) -> Dataset:
+        """The source's test set (its training classes), or the split held out of the pool."""
+        hp = self.settings
+        if self.source.has_test_set:
+            test = select_classes(self.source.pool(train=False), hp.train_classes, hp.dataset)
+        else:
+            test = self.drawn()[2]
+        check_labels(test, hp.num_classes, f"{hp.dataset} test set")
+        return test
+
+
+class ByClass(PoolSplit):
+    def __init__(self, source: Source, settings: Any) -> None:
+        super().__init__(source, settings)
+        self._held: tuple[list[int], list[int], list[int]] | None = None
+
+    def held_classes(self) -> tuple[list[int], list[int], list[int]]:
+        """(training, validation, test) class ids of the training pool; a source whose test set holds identities
+        of its own (a test folder) has no test classes drawn."""
+        if self._held is None:
+            hp, pool = self.settings, self.source.pool(train=True)
+            test_size = 0 if self.source.separate_test_identities else hp.test_size
+            self._held = by_class(targets(pool), len(pool.classes), hp.val_size, test_size, hp.split_seed)
+        return self._held
+
+    def class_ids(self) -> list[int]:
+        return self.held_classes()[0]
+
+    def draw(self) -> list[Dataset]:
+        pool, (_, held_val, held_test) = self.source.pool(train=True), self.held_classes()
+        full = self.training_pool()
+        test = self.select(pool, held_test) if held_test and not self.source.has_test_set else Subset(pool, [])
+        return [full, self.select(pool, held_val), test]
+
+    def test(self) -> Dataset:
+        """Identities never trained on: the test set's own, the held-out classes' images in the source's test set,
+        or the held-out classes' images of the pool."""
+        if not self.source.has_test_set:
+            return self.drawn()[2]
+        pool = self.source.pool(train=False)
+        return pool if self.source.separate_test_identities else self.select(pool, self.held_classes()[2])
+
+
+def split_of(source: Source, settings: Any) -> Split:
+    """The split for a source and data.val_split (a source with fixed splits keeps its own)."""
+    if source.fixed_splits:
+        return Fixed(source, settings)
+    return {"by_sample": BySample, "by_class": ByClass}[settings.val_split](source, settings)
