@@ -29,7 +29,7 @@ LAYERS = {
         [f"data.{name}" for name in ("datasets", "splits", "pairs", "settings", "tensors", "augment", "images",
                                      "files", "recordio", "bin_pairs", "landmarks", "pipelines", "sources",
                                      "sources.base", "sources.torchvision_sets", "sources.image_files",
-                                     "sources.packed")],
+                                     "sources.packed", "sources.insightface")],
         ["lightning", "hydra", "arcface_lightning.models", "arcface_lightning.training", *ENTRY_POINTS],
     ),
     "the serving core and commands (no torch)": (

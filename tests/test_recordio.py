@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -16,6 +17,7 @@ from arcface_lightning.core.checks import DataError
 from arcface_lightning.data.recordio import MAGIC, RecordFile, RecordIndex, unpack
 
 FIXTURES = Path(__file__).parent / "data" / "insightface"
+RAW = Path(os.environ.get("ARCFACE_DATA_DIR", "/nonexistent")) / "MNIST" / "raw"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 
 
@@ -112,3 +114,39 @@ def test_the_reader_crosses_into_loader_workers_without_its_handle() -> None:
     rec.record(0)
     copy = pickle.loads(pickle.dumps(rec))
     assert copy._file is None and np.array_equal(unpack(copy.record(0))[0], unpack(rec.record(0))[0])
+
+
+def test_data_insightface_trains_from_the_mxnet_folder(tmp_path: Path) -> None:
+    """`data=insightface data.root=<folder>`: composed, indexed, split (by sample and by class), served as uint8
+    batches (decoded per sample, or cached), trained; a folder without the files is one line before any work."""
+    from arcface_lightning.core.runs import run
+    from arcface_lightning.train import train
+    from conftest import tiny_config
+
+    common = ["data=insightface", "data.in_channels=1", "data.image_size=28", "data.num_workers=0",
+              "data.val_size=4", "data.test_size=4", "trainer.fast_dev_run=1", "logger=csv"]  # fmt: skip
+    root = f"data.root={FIXTURES / 'header'}"
+    for number, extra in enumerate(
+        ([], ["data.cache=memory"], ["data.val_split=by_class", "data.val_size=2", "data.test_size=2"])
+    ):
+        record = run(train, tiny_config(tmp_path, tmp_path / f"run{number}", *common, root, *extra))
+        assert record["status"] == "ok", record
+    folder = copy_of("plain", tmp_path)
+    (folder / "train.idx").unlink()
+    with pytest.raises(SystemExit, match=r"^error: data\.root=.*plain has no train\.idx; allowed: insightface"):
+        run(train, tiny_config(tmp_path, tmp_path / "bad", *common, f"data.root={folder}"))
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not (RAW / "train-images-idx3-ubyte").is_file(), reason="real MNIST is not under ARCFACE_DATA_DIR")
+def test_png_records_decode_to_the_real_mnist_digits_mxnet_was_given() -> None:
+    """The writer stored real MNIST training digits; its PNG records come back as exactly those pixels."""
+    from arcface_lightning.data.sources.insightface import RecordImages
+
+    mnist = np.frombuffer((RAW / "train-images-idx3-ubyte").read_bytes()[16:], np.uint8).reshape(-1, 28, 28)
+    labels = np.frombuffer((RAW / "train-labels-idx1-ubyte").read_bytes()[8:], np.uint8)
+    order = np.argsort(labels[:200], kind="stable")[:: 200 // 30][:30]  # as write_with_mxnet.py chose them
+    dataset = RecordImages(RecordIndex.read(FIXTURES / "header"), in_channels=1, image_size=28)
+    for i in range(1, 30, 2):  # keys 2, 4, …: the PNG records (odd keys are JPEG, lossy)
+        image, label = dataset[i]
+        assert np.array_equal(image[0].numpy(), mnist[order[i]]) and label == labels[order[i]], i

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from arcface_lightning.data.sources.base import Source
 from arcface_lightning.data.sources.image_files import ImageFolder, ImageList
+from arcface_lightning.data.sources.insightface import InsightFaceRecord
 from arcface_lightning.data.sources.packed import PackedSet
 from arcface_lightning.data.sources.torchvision_sets import DATASETS, TorchvisionSet
 
@@ -14,6 +15,7 @@ SOURCES: dict[str, type[Source]] = {
     "image_folder": ImageFolder,
     "image_list": ImageList,
     "streaming": PackedSet,
+    "insightface": InsightFaceRecord,  # train.rec / train.idx / property, without MXNet
 }
 
 
