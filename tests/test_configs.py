@@ -24,7 +24,9 @@ OPTIONS = {
 
 
 def test_option_lists_are_what_the_readme_promises() -> None:
-    assert OPTIONS["data"] == ["cifar10", "fashion_mnist", "image_folder", "image_list", "kmnist", "mnist", "streaming"]
+    assert OPTIONS["data"] == [
+        "cifar10", "fashion_mnist", "image_folder", "image_list", "insightface", "kmnist", "mnist", "streaming"
+    ]  # fmt: skip
     assert OPTIONS["head"] == [
         "adaface", "arcface", "combined", "cosface", "curricularface", "elasticface", "softmax", "sphereface",
         "subcenter_arcface",
@@ -60,7 +62,8 @@ def own_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     packed = root.parent / "packed"
     result = cli("pack", str(root), str(packed), "--val-size", "2", "--workers", "1")
     assert result.returncode == 0, result.stderr[-2000:]
-    return {"image_folder": root, "image_list": root / "list.csv", "streaming": packed}
+    insightface = Path(__file__).parent / "data" / "insightface" / "header"  # written by MXNet: 10 classes
+    return {"image_folder": root, "image_list": root / "list.csv", "streaming": packed, "insightface": insightface}
 
 
 @pytest.mark.parametrize("data, backbone, head", MODEL_AND_DATA)
