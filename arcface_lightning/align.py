@@ -26,7 +26,7 @@ from PIL import Image
 from arcface_lightning.core.checks import DataError, OneLineParser, Terminated, first_line
 from arcface_lightning.core.writing import sigterm_raises
 from arcface_lightning.data.files import pixels, read_bytes
-from arcface_lightning.data.landmarks import align
+from arcface_lightning.data.landmarks import align_channels_first
 
 COLUMNS = ["path", *(f"{axis}{i}" for i in range(1, 6) for axis in "xy")]
 
@@ -75,8 +75,9 @@ def align_all(source: Path, output: Path, size: int = 112, channels: int = 3) ->
     try:
         with sigterm_raises():
             for image_path, points in faces:
-                image = pixels(read_bytes(image_path), channels, image_path).transpose(1, 2, 0)  # (H, W, C)
-                crop = align(image[..., 0] if channels == 1 else image, points, size)
+                image = pixels(read_bytes(image_path), channels, image_path)
+                crop = align_channels_first(image, points, size)
+                crop = crop[0] if channels == 1 else crop.transpose(1, 2, 0)  # what Pillow writes
                 resolved = Path(image_path).resolve()
                 relative = resolved.relative_to(root) if resolved.is_relative_to(root) else Path(resolved.name)
                 target = (partial / relative).with_suffix(".png")

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from arcface_lightning.core.runs import entry_point, start
 from arcface_lightning.core.writing import written_aside
 from arcface_lightning.data.files import pixels, read_bytes
-from arcface_lightning.data.landmarks import align
+from arcface_lightning.data.landmarks import align_channels_first
 from arcface_lightning.evaluation.ijb import pair_scores, pool_templates, read_protocol, roc_points, tar_at_far
 from arcface_lightning.serving.contract import Contract
 from arcface_lightning.serving.inference import load_model, with_flip
@@ -34,9 +34,8 @@ log = logging.getLogger(__name__)
 
 def aligned_face(path: Path, landmarks: np.ndarray, contract: Contract) -> np.ndarray:
     """A loose crop → uint8 (in_channels, image_size, image_size), its landmarks on the reference points."""
-    image = pixels(read_bytes(str(path)), contract.in_channels, str(path)).transpose(1, 2, 0)
-    crop = align(image[..., 0] if contract.in_channels == 1 else image, landmarks, contract.image_size)
-    return crop[None] if crop.ndim == 2 else crop.transpose(2, 0, 1)
+    image = pixels(read_bytes(str(path)), contract.in_channels, str(path))
+    return align_channels_first(image, landmarks, contract.image_size)
 
 
 def ijb(cfg: DictConfig) -> dict[str, Any]:

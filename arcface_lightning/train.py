@@ -57,7 +57,7 @@ from arcface_lightning.core.runs import (
 from arcface_lightning.models.head_memory import GIB, available_bytes, head_memory, optimizer_state_per_value
 from arcface_lightning.models.partial_fc import AUTO_SHARD_CLASSES
 from arcface_lightning.serving.checkpoints import Checkpoint
-from arcface_lightning.training.callbacks import ContractInCheckpoint
+from arcface_lightning.training.callbacks import ContractInCheckpoint, pair_metric_prefixes, pair_sets
 from arcface_lightning.training.module import ArcFaceModule, build_part
 
 # beside the hyper-parameters in TensorBoard's HPARAMS tab (by_class runs have no closed-set accuracy)
@@ -153,10 +153,9 @@ def check_selection(cfg: DictConfig) -> None:
     if select is None:
         return
     selection_metric(cfg.data.val_split, "name", select)  # the form of the name
-    pairs = OmegaConf.select(cfg, "evaluation.pairs", default=None)
-    paths = [] if not pairs else [pairs] if isinstance(pairs, str) else list(pairs)
     metric = str(select).rpartition("/")[2]
-    logged = [f"pairs/{metric}"] if len(paths) == 1 else [f"pairs/{Path(p).stem}/{metric}" for p in paths]
+    pairs = pair_sets(OmegaConf.select(cfg, "evaluation.pairs", default=None))
+    logged = [f"{prefix}/{metric}" for prefix in pair_metric_prefixes(pairs)]
     if select not in logged:
         raise ConfigError(f"evaluation.select={select} is not a metric of evaluation.pairs; allowed: "
                           f"{', '.join(logged) or 'none (evaluation.pairs is null)'}")  # fmt: skip

@@ -71,9 +71,11 @@ def check_overrides(argv: list[str], config_name: str, conf_dir: Path = CONF_DIR
     plugins (hydra/...) are left to Hydra."""
     args = get_args_parser().parse_args(argv)
     parser = OverridesParser.create()
+    parsed = []
     for text in args.overrides:
         try:
             override = parser.parse_override(text)
+            parsed.append(override)
         except HydraException as error:
             reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
             raise SystemExit(f"error: cannot parse the override {text!r}: {reason}") from None
@@ -99,7 +101,7 @@ def check_overrides(argv: list[str], config_name: str, conf_dir: Path = CONF_DIR
             )
     plain_run = not (args.multirun or args.cfg or args.help or args.hydra_help or args.info or args.shell_completion)
     if plain_run and not (args.config_path or args.config_dir or args.config_name):
-        points = [first_point(parser.parse_override(text), text) for text in args.overrides]
+        points = [first_point(override, text) for override, text in zip(parsed, args.overrides, strict=True)]
         sweeps = [text for text, point in zip(args.overrides, points, strict=True) if point != text]
         check_composition([p for p in points if p is not None], config_name, conf_dir, sweeps)
 

@@ -70,6 +70,12 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     return out[..., 0] if image.ndim == 2 else out
 
 
+def align_channels_first(image: np.ndarray, landmarks: np.ndarray, image_size: int = 112) -> np.ndarray:
+    """`align` for a uint8 (C, H, W) image (data/files' layout), giving (C, image_size, image_size)."""
+    crop = align(image[0] if len(image) == 1 else image.transpose(1, 2, 0), landmarks, image_size)
+    return crop[None] if crop.ndim == 2 else crop.transpose(2, 0, 1)
+
+
 def align(image: np.ndarray, landmarks: np.ndarray, image_size: int = 112) -> np.ndarray:
     """A face crop of `image_size` with its five landmarks moved onto the reference points."""
     landmarks = np.asarray(landmarks, dtype=np.float64)

@@ -141,6 +141,17 @@ class EmbeddingFigures(L.Callback):
             writer.add_figure("test/sphere", figure, trainer.global_step)
 
 
+def pair_sets(pairs: str | Path | list | None) -> list[Path]:
+    """`evaluation.pairs` as a list of paths (null: none; one file or a list of them)."""
+    paths = [] if not pairs else [pairs] if isinstance(pairs, (str, Path)) else list(pairs)
+    return [Path(p).expanduser() for p in paths]
+
+
+def pair_metric_prefixes(paths: list[Path]) -> list[str]:
+    """Where each set's metrics are logged: pairs/ for a single set, pairs/<file stem>/ for a list."""
+    return ["pairs"] if len(paths) == 1 else [f"pairs/{p.stem}" for p in paths]
+
+
 class PairVerification(L.Callback):
     """`evaluation.pairs`: pair sets verified at every validation epoch and at every test. A set is a pair list
     (data/pairs.py: CSV or LFW's pairs.txt) or insightface's `.bin` (data/bin_pairs.py: lfw.bin, cfp_fp.bin, …, read
@@ -162,12 +173,11 @@ class PairVerification(L.Callback):
     ) -> None:
         check_int(type(self).__name__, "batch_size", batch_size)
         check_int(type(self).__name__, "num_workers", num_workers, minimum=0)
-        paths = [] if not pairs else [pairs] if isinstance(pairs, (str, Path)) else list(pairs)
-        self.paths = [Path(p).expanduser() for p in paths]
+        self.paths = pair_sets(pairs)
         names = [p.stem for p in self.paths]
         if len(set(names)) < len(names):
             twice = next(n for n in names if names.count(n) > 1)
-            raise BadValue(type(self).__name__, "pairs", paths, f"sets of distinct file names ({twice!r} twice)")
+            raise BadValue(type(self).__name__, "pairs", pairs, f"sets of distinct file names ({twice!r} twice)")
         self.batch_size, self.num_workers, self.flip = batch_size, num_workers, bool(flip)
         self.sets: dict[str, PairList | BinPairs] = {}
         self._decoded: dict[tuple[str, int, int], torch.Tensor] = {}  # a .bin's images, decoded once per size
@@ -185,7 +195,8 @@ class PairVerification(L.Callback):
         self._verify(trainer, pl_module)
 
     def _verify(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for name, pairs in self.sets.items():
+        for path, prefix in zip(self.paths, pair_metric_prefixes(self.paths), strict=True):
+            name, pairs = path.stem, self.sets[path.stem]
             x = self._embed(name, pairs, trainer, pl_module)
             if isinstance(pairs, BinPairs):
                 a = torch.arange(0, len(x), 2)
@@ -193,7 +204,6 @@ class PairVerification(L.Callback):
             else:
                 a, b, same, fold = pairs.a, pairs.b, pairs.same, pairs.fold
             metrics = pair_metrics((x[a] * x[b]).sum(1), same, fold)
-            prefix = "pairs" if len(self.sets) == 1 else f"pairs/{name}"
             pl_module.log_dict({f"{prefix}/{key}": value for key, value in metrics.items()}, add_dataloader_idx=False)
 
     def _embed(self, name: str, pairs: PairList | BinPairs, trainer: L.Trainer, pl_module: L.LightningModule):
