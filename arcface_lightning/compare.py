@@ -44,7 +44,7 @@ from arcface_lightning.core.config import CONF_DIR, ConfigError, one_line, root_
 from arcface_lightning.core.runs import entry_point, start
 from arcface_lightning.evaluation.metrics import embedding_metrics, pair_metrics
 from arcface_lightning.evaluation.sweep_jobs import Row, read_jobs
-from arcface_lightning.report import markdown, pyplot, write_csv, written_aside
+from arcface_lightning.report import markdown, write_csv, written_aside
 from arcface_lightning.training.module import build_head
 
 LAUNCHER_EXAMPLE = """'launcher=["hydra/launcher=joblib","hydra.launcher.n_jobs=4"]'"""
@@ -249,6 +249,16 @@ def table_markdown(table: list[Row], columns: list[str]) -> str:
             row[c] = f"**{cell}**" if best[c] == entry["head"] else cell
         rows.append(row)
     return markdown(rows, ["head", "setting", "seeds", *columns])
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, imported only when the figure is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot(path: Path, table: list[Row], runs: dict[str, list[Row]], columns: list[str]) -> None:

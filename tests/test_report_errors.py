@@ -91,7 +91,7 @@ def test_a_job_the_train_command_refused_has_no_place_in_the_heatmap(tmp_path) -
         write_job(sweep, str(job), overrides=f"- head.s={s}\n- head.m={m}\n")
     (sweep / "4" / "metrics.json").write_text('{"status": "failed", "error": "head.s=\'abc\' is invalid"}')
     report = write_report(sweep)
-    assert rows_of(sweep)["4"]["head.s"] == "abc" and [p.name for p in report["figures"]] == ["heatmap.png"]
+    assert rows_of(sweep)["4"]["head.s"] == "abc" and [p.name for p in report["figures"]] == ["heatmap.png", "curves.png"]
 
 
 def test_a_swept_value_that_is_a_path_names_a_figure_in_the_sweep_dir(tmp_path) -> None:
@@ -101,6 +101,8 @@ def test_a_swept_value_that_is_a_path_names_a_figure_in_the_sweep_dir(tmp_path) 
         write_job(sweep, str(job), overrides=f"- head.s={s}\n- head.m={m}\n- data.root={root}\n")
     report = write_report(sweep)
     assert sorted(p.name for p in report["figures"]) == [
+        "curves_data.root=_data_a.png",
+        "curves_data.root=_data_b.png",
         "heatmap_data.root=_data_a.png",
         "heatmap_data.root=_data_b.png",
     ]

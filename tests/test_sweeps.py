@@ -163,7 +163,7 @@ def test_a_by_class_sweep_is_ranked_and_drawn_by_retrieval_not_closed_set_accura
     assert [float(r["val/precision_at_1_best"]) for r in rows] == [0.80, 0.75, 0.70, 0.60]  # best first
     assert "test/acc" not in rows[0] and float(rows[0]["test/precision_at_1"]) == 0.71
     assert (sweep / "summary.md").read_text().count("sorted by val/precision_at_1_best") == 1
-    assert [p.name for p in report["figures"]] == ["heatmap.png"]
+    assert [p.name for p in report["figures"]] == ["heatmap.png", "curves.png"]
 
 
 def test_other_swept_keys_get_one_heatmap_per_value(tmp_path: Path) -> None:
@@ -187,6 +187,8 @@ def test_other_swept_keys_get_one_heatmap_per_value(tmp_path: Path) -> None:
         (job_dir / "metrics.json").write_text(json.dumps({"status": "ok", "test/acc": 0.9, "val/acc_best": 0.9}))
     report = write_report(sweep)
     assert sorted(p.name for p in report["figures"]) == [
+        "curves_embedding_size=32.png",
+        "curves_embedding_size=64.png",
         "heatmap_embedding_size=32.png",
         "heatmap_embedding_size=64.png",
     ]

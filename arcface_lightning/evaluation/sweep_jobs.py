@@ -18,6 +18,12 @@ from arcface_lightning.core.checks import first_line, is_int, is_number
 
 Row = dict[str, Any]
 
+# (selects, scores, also shown) per val_split: the selection metric is metrics.SELECTION's, with its _best
+REPORTED = {
+    "by_sample": ("val/acc_best", "test/acc", "test/acc_margin"),
+    "by_class": ("val/precision_at_1_best", "test/precision_at_1", "test/map_at_r"),
+}
+
 
 def number(text: Any) -> Any:
     """Override values arrive as text: numbers become numbers, anything else stays as it is."""
@@ -107,3 +113,16 @@ def read_jobs(sweep_dir: Path) -> tuple[list[Row], list[str]]:
             finished = False
         rows.append({**record, **values, "job": job_dir.name, "overrides": list(values), "finished": finished})
     return rows, problems
+
+
+def swept_keys(rows: list[Row]) -> list[str]:
+    """Override keys whose value differs between jobs, in the order they were given."""
+    keys = dict.fromkeys(key for row in rows for key in row["overrides"])
+    return [k for k in keys if len({repr(row.get(k)) for row in rows}) > 1]
+
+
+def reported(rows: list[Row]) -> tuple[str, str, str]:
+    """The by_class metrics when the finished runs selected on them, else the closed-set ones."""
+    finished = [r for r in rows if r.get("status") == "ok"]
+    by_class = finished and all("val/acc_best" not in r and REPORTED["by_class"][0] in r for r in finished)
+    return REPORTED["by_class" if by_class else "by_sample"]
