@@ -3,6 +3,7 @@
     python -m arcface_lightning.compare                  # conf/compare.yaml: every head, mnist_openset, 3 seeds
     make compare ARGS="'launcher=[\"hydra/launcher=joblib\",\"hydra.launcher.n_jobs=4\"]'"
     python -m arcface_lightning.compare 'heads=[arcface,softmax]' 'grids.arcface.head.m=[0.3,0.5]' 'seeds=[0,1]'
+    python -m arcface_lightning.compare 'heads=[softmax,arcface]' baseline=softmax 'seeds=[0,1,2,3,4]'
 
 For each head of `heads`: (1) search — one multirun of the train entry point (`experiment=<protocol>`) over the head's
 grid (`grids.<head>`, every combination) on `seeds[0]`; the point with the best `select` is the head's setting; (2)
@@ -13,6 +14,8 @@ training run tests its best checkpoint once, as every train run does.
 Written into the run dir: search/<head>/ and seeds/<head>/ (the multiruns, each with its own sweep report),
 comparison.md (printed), comparison.csv, comparison.json and comparison.png. A column's best mean is in bold only
 where its mean ± std interval does not overlap the runner-up's; with few seeds that is a rough screen, not a test.
+The test is `baseline=<head>`: every other head minus the baseline, seed by seed (each at its chosen setting), with
+the mean difference's 95% Student t interval per column (comparison.md's paired section, comparison_paired.csv).
 
 Every setting is checked before the first job starts (check): each head's grid keys against that head's train config
 and each grid point built into the head, `select` against the protocol's selection metric, `columns` against the
@@ -43,6 +46,7 @@ from arcface_lightning.core.checks import BadValue
 from arcface_lightning.core.config import CONF_DIR, ConfigError, one_line, root_cause, selection_metric
 from arcface_lightning.core.runs import entry_point, start
 from arcface_lightning.evaluation.metrics import embedding_metrics, pair_metrics
+from arcface_lightning.evaluation.statistics import METHOD, interval_text, paired_groups
 from arcface_lightning.evaluation.sweep_jobs import Row, read_jobs
 from arcface_lightning.report import markdown, write_csv, written_aside
 from arcface_lightning.training.module import build_head
@@ -76,6 +80,9 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"seeds={seeds!r} is invalid; allowed: a non-empty list of integers ≥ 0, e.g. seeds=[0,1,2]")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds={seeds!r} repeats a seed; allowed: distinct integers")
+    baseline = cfg.get("baseline")
+    if baseline is not None and baseline not in heads:
+        raise ConfigError(f"baseline={baseline!r} is invalid; allowed: null or one of heads: {', '.join(heads)}")
     launcher, columns = plain(cfg.launcher), plain(cfg.columns)
     if not isinstance(launcher, list) or not all(isinstance(v, str) for v in launcher):
         raise ConfigError(f"launcher={launcher!r} is invalid; allowed: a list of overrides, e.g. {LAUNCHER_EXAMPLE}")
@@ -261,6 +268,25 @@ def pyplot() -> Any:
     return plt
 
 
+def paired_markdown(pairs: list[Row], table: list[Row], columns: list[str]) -> str:
+    """A row per head, a column per metric: head − baseline per seed, mean [95% t interval] n=pairs."""
+    cells = {(e["head"], e["metric"]): interval_text(e) for e in pairs}
+    rows = [
+        {"head": e["head"], "setting": e["setting"], **{c: cells[(e["head"], c)] for c in columns}}
+        for e in table
+        if (e["head"], columns[0]) in cells
+    ]
+    return (
+        (
+            f"\n## Paired against {pairs[0]['baseline']}\n\nPer-seed differences (head − {pairs[0]['baseline']}, each "
+            f"at its chosen setting; seeds only one of them finished left out): mean [95% interval ({METHOD})] and the "
+            f"number of pairs.\n\n{markdown(rows, ['head', 'setting', *columns])}\n"
+        )
+        if pairs
+        else ""
+    )
+
+
 def plot(path: Path, table: list[Row], runs: dict[str, list[Row]], columns: list[str]) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), squeeze=False)
@@ -316,11 +342,15 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         f"{table_markdown(table, columns)}\n\nmean ± sample std over seeds; bold: the best mean where its "
         f"interval does not overlap the runner-up's. Wall time {wall / 60:.1f} min.\n"
     )
+    pairs = paired_groups(runs, cfg.baseline, columns) if cfg.get("baseline") else None
+    if pairs is not None:
+        text += paired_markdown(pairs, table, columns)
+        write_csv(out / "comparison_paired.csv", pairs, list(pairs[0]) if pairs else ["head"])
     with written_aside(out / "comparison.md") as partial:
         partial.write_text(text)
     write_csv(out / "comparison.csv", table, list(table[0]))
     with written_aside(out / "comparison.json") as partial:
-        partial.write_text(json.dumps({"table": table, "heads": record}, indent=1, default=str))
+        partial.write_text(json.dumps({"table": table, "heads": record, "paired": pairs}, indent=1, default=str))
     plot(out / "comparison.png", table, runs, columns)
     print(text)
     return {"heads": len(table), "runs": sum(len(v) for v in runs.values()), "compare_wall_time_s": round(wall, 1)}

@@ -3,6 +3,7 @@ run of the command (two heads, a two-point search, two seeds) on synthetic MNIST
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -123,6 +124,40 @@ def test_a_head_without_a_grid_runs_every_seed_at_its_config_and_a_failed_search
     assert "| cosface |  | 0 | failed |" in (tmp_path / "comparison.md").read_text()
 
 
+def test_each_head_is_paired_by_seed_against_the_baseline_head(tmp_path, monkeypatch) -> None:
+    """baseline=softmax: per-seed differences at each head's chosen setting, their mean and 95% t interval, in
+    comparison.md, comparison_paired.csv and comparison.json (the multiruns answered with made-up rows)."""
+    from arcface_lightning import compare as module
+
+    acc = {"softmax": [0.90, 0.91, 0.92], "arcface": [0.91, 0.94, 0.94], "cosface": [0.95, None, None]}
+
+    def fake_multirun(cfg, sweep_dir, head, sweeps):
+        point = {k: v[0] for k, v in sweeps.items() if k != "seed"}
+        return [
+            {"status": "failed"} if acc[head][seed] is None else
+            {**point, "seed": seed, "status": "ok", "val/acc_best": 0.9, "test/acc": acc[head][seed]}
+            for seed in sweeps["seed"]
+        ]  # fmt: skip
+
+    monkeypatch.setattr(module, "multirun", fake_multirun)
+    overrides = ["heads=[softmax,arcface,cosface]", "baseline=softmax", "seeds=[0,1,2]", "columns=[test/acc]"]
+    one_point = ["grids.arcface.head.s=[30]", "grids.arcface.head.m=[0.5]", "grids.cosface.head.s=[30]"]
+    cfg = compose_config(*overrides, *one_point, "grids.cosface.head.m=[0.35]", config_name="compare")
+    cfg.paths.output_dir = str(tmp_path)
+    module.compare(cfg)
+    paired = {row["head"]: row for row in json.loads((tmp_path / "comparison.json").read_text())["paired"]}
+    assert sorted(paired) == ["arcface", "cosface"] and paired["arcface"]["metric"] == "test/acc"
+    assert paired["arcface"]["diff_mean"] == pytest.approx(0.02) and paired["arcface"]["diff_sd"] == pytest.approx(0.01)
+    assert paired["arcface"]["low"] == pytest.approx(0.02 - 0.024841, abs=1e-6)  # t(0.975, 2) · 0.01 / √3
+    assert (paired["cosface"]["paired"], paired["cosface"]["unpaired"]) == (1, 2)
+    text = (tmp_path / "comparison.md").read_text()
+    assert "## Paired against softmax" in text and "mean [95% interval (Student t)]" in text
+    assert "| arcface | s=30, m=0.5 | +0.0200 [-0.0048, +0.0448] n=3 |" in text
+    assert "| cosface | s=30, m=0.35 | 1 paired replicate(s): fewer than 2, no interval |" in text
+    with open(tmp_path / "comparison_paired.csv") as f:
+        assert [row["head"] for row in csv.DictReader(f)] == ["arcface", "cosface"]
+
+
 HEADS = "adaface, arcface, combined, cosface, curricularface, elasticface, softmax, sphereface, subcenter_arcface"
 SELECT = "val/acc_best (the validation score of the checkpoint each job tests, with experiment=mnist_openset's"
 
@@ -132,6 +167,10 @@ SELECT = "val/acc_best (the validation score of the checkpoint each job tests, w
     [
         (["heads=[arcface,magface]"], f"heads: 'magface' has no conf/head/magface.yaml; allowed: {HEADS}"),
         (["seeds=[0,0]"], "seeds=[0, 0] repeats a seed; allowed: distinct integers"),
+        (
+            ["heads=[arcface,softmax]", "baseline=cosface"],
+            "baseline='cosface' is invalid; allowed: null or one of heads: arcface, softmax",
+        ),
         (["protocol=bogus"], "protocol='bogus' is invalid; allowed: cifar10_resnet, mnist_2d, mnist_3d, mnist_best, "),
         (["launcher=x"], "launcher='x' is invalid; allowed: a list of overrides, e.g. 'launcher="),
         (

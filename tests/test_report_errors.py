@@ -91,7 +91,8 @@ def test_a_job_the_train_command_refused_has_no_place_in_the_heatmap(tmp_path) -
         write_job(sweep, str(job), overrides=f"- head.s={s}\n- head.m={m}\n")
     (sweep / "4" / "metrics.json").write_text('{"status": "failed", "error": "head.s=\'abc\' is invalid"}')
     report = write_report(sweep)
-    assert rows_of(sweep)["4"]["head.s"] == "abc" and [p.name for p in report["figures"]] == ["heatmap.png", "curves.png"]
+    assert rows_of(sweep)["4"]["head.s"] == "abc"
+    assert [p.name for p in report["figures"]] == ["heatmap.png", "curves.png"]
 
 
 def test_a_swept_value_that_is_a_path_names_a_figure_in_the_sweep_dir(tmp_path) -> None:

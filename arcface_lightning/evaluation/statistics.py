@@ -14,7 +14,7 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 LEVEL = 0.95
-METHOD = "Student t, 95%"
+METHOD = "Student t"
 
 
 def regularized_beta(x: float, a: float, b: float) -> float:
