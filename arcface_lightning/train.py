@@ -47,9 +47,9 @@ from arcface_lightning.core.config import (
 from arcface_lightning.core.registry import TargetNotAllowed, check_lr_scheduler, check_part, current_target
 from arcface_lightning.core.runs import (
     build_trainer,
-    check_ckpt_path,
     entry_point,
     final_metrics,
+    resume_point,
     run,
     start,
     write_classes,
@@ -80,7 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    resumed = check_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
+    resumed = resume_point(cfg)
     check_launch(cfg)
     datamodule, model, trainer = build(cfg)
     if resumed is not None:

@@ -62,6 +62,19 @@ def test_a_layer_imports_only_what_architecture_md_allows(layer: str) -> None:
     assert json.loads(result.stdout) == [], f"{layer}: {result.stdout}"
 
 
+def test_the_resuming_sweeper_plugin_imports_neither_torch_nor_the_package() -> None:
+    """Hydra imports every module under hydra_plugins at the start of each command: it must stay light."""
+    probe = (
+        "import json, sys, hydra_plugins.arcface_lightning_resume as p; "
+        "print(json.dumps([p.ResumingSweeper.__name__, *sorted(m for m in ('torch', 'lightning', "
+        "'arcface_lightning') if m in sys.modules)]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == ["ResumingSweeper"]
+
+
 def test_the_rules_can_fail() -> None:
     """The control: an entry point holds what the serving core may not."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

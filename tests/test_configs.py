@@ -10,6 +10,7 @@ import torch
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from submitit.slurm.slurm import _make_sbatch_string  # what sbatch is given: the oracle of the launcher config
 from torchvision.io import write_png
 
 from arcface_lightning.core.config import native_bf16_precision, register_configs
@@ -178,6 +179,12 @@ def test_slurm_launcher_follows_the_trainer() -> None:
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
     assert launcher.tasks_per_node == launcher.gpus_per_node == 8 and launcher.nodes == 2  # one task per GPU
+    # the requeue signal Lightning's SLURM environment handles, in place of submitit's USR2 (one --signal line)
+    params = OmegaConf.to_container(launcher, resolve=True)
+    script = _make_sbatch_string(command="python -m arcface_lightning.train", folder=".submitit/%j",
+                                 signal_delay_s=params["signal_delay_s"],
+                                 additional_parameters=params["additional_parameters"])  # fmt: skip
+    assert [line for line in script.splitlines() if "--signal" in line] == ["#SBATCH --signal=USR1@120"]
 
 
 @pytest.mark.parametrize("trainer, precision", [("cpu", "bf16-mixed"), ("gpu", "16-mixed"), ("gpu", "bf16-mixed")])

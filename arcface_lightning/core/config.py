@@ -237,6 +237,7 @@ def check_run_keys(cfg: DictConfig) -> None:
         ("matmul_precision", ", ".join(precisions), lambda v: v in precisions),
         ("channels_last", "true or false", lambda v: isinstance(v, bool)),
         ("extras.print_config", "true or false", lambda v: isinstance(v, bool)),
+        ("resume", "auto or null", lambda v: v == "auto"),
         (
             "tags",
             "a list of strings, e.g. tags=[baseline,s16]",

@@ -137,6 +137,43 @@ def check_ckpt_path(ckpt_path: str | None, output_dir: Path | None = None) -> Ch
         raise ConfigError(str(error)) from None
 
 
+def read_record(output_dir: Path) -> dict[str, Any]:
+    """The run dir's metrics.json as a dict; {} where there is none or it cannot be read (a killed run's)."""
+    try:
+        record = json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def resume_point(cfg: DictConfig) -> Checkpoint | None:
+    """The checkpoint a training run continues from: `ckpt_path`'s, or with `resume=auto` the run dir's own as it
+    stands: nothing for a run that failed or diverged (it starts again) or that saved nothing yet, else the newest of
+    checkpoints/last.ckpt (every epoch; a SIGTERM/Ctrl-C saves it where the run stopped) and Lightning's
+    hpc_ckpt_<n>.ckpt (saved when SLURM signals a requeue). A finished run never gets here (run() returns first)."""
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("resume") != "auto":
+        return check_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    if cfg.get("ckpt_path") is not None:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} cannot combine with resume=auto, which picks the run dir's own "
+                          "checkpoint; allowed: one of them")  # fmt: skip
+    sweeper = HydraConfig.get().sweeper._target_ if HydraConfig.initialized() else ""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and "Resuming" not in sweeper:
+        raise ConfigError(f"resume=auto resumes grid sweeps, not hydra/sweeper={sweeper.rsplit('.', 1)[-1]}; allowed: "
+                          "Hydra's grid sweeps (comma lists, sweep=...); Optuna resumes its study from "
+                          "hydra.sweeper.storage")  # fmt: skip
+    status = read_record(output_dir).get("status")
+    saved = [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
+    saved = [path for path in saved if path.is_file()]
+    if status in ("failed", "diverged") or not saved:
+        why = f"{status}: starting again" if status in ("failed", "diverged") else "has no checkpoint: starting"
+        log.info(f"resume=auto: {output_dir} {why}")
+        return None
+    newest = max(saved, key=lambda path: path.stat().st_mtime)
+    log.info(f"resume=auto: continuing from {newest}")
+    return check_ckpt_path(str(newest))
+
+
 @contextlib.contextmanager
 def sigint_as_sigterm() -> Iterator[list[int]]:
     """Ctrl-C (SIGINT) handled like SIGTERM: while Lightning fits or tests, it has a SIGTERM handler that stops at
@@ -207,6 +244,10 @@ def run(task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, in_sweep:
     (`in_sweep`), every failure is recorded and logged and the job returns, so the other jobs and the report go on.
     """
     output_dir = Path(cfg.paths.output_dir)
+    previous = read_record(output_dir) if cfg.get("resume") == "auto" else {}
+    if previous.get("status") == "ok":  # in a sweep the sweeper does not launch it (hydra_plugins/...resume)
+        log.info(f"resume=auto: {output_dir} finished already: nothing to do (its metrics.json)")
+        return previous
     began = time.perf_counter()
     record: dict[str, Any] = {"seed": cfg.get("seed"), "status": "ok"}
     failure: BaseException | None = None
