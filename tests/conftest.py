@@ -133,6 +133,7 @@ TINY = [
     "callbacks.progress_bar.refresh_rate=0",
     "trainer.enable_model_summary=false",
     "trainer.log_every_n_steps=1",
+    "evaluation.figures=false",  # matplotlib and the projector are most of a tiny run: on where a test looks at them
 ]
 
 

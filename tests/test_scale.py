@@ -18,7 +18,10 @@ from conftest import TINY, cli, cli_command, cli_process, multirun, write_mnist
 
 def test_ddp_cpu_trains_two_ranks_into_one_run_dir(mnist_root: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "ddp"
-    result = cli_process("train", f"hydra.run.dir={run_dir}", f"paths.data_dir={mnist_root}", *TINY, "trainer=ddp_cpu")
+    result = cli_process(  # with the figures: their test embeddings are gathered from both ranks
+        "train", f"hydra.run.dir={run_dir}", f"paths.data_dir={mnist_root}", *TINY, "trainer=ddp_cpu",
+        "evaluation.figures=true",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]  # rank 1's exit is not the launcher's
     record = json.loads((run_dir / "metrics.json").read_text())

@@ -27,7 +27,7 @@ def test_fast_dev_run(make_cfg) -> None:
 
 
 def test_short_run_writes_metrics_checkpoints_and_tensorboard(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg("trainer.max_epochs=2")
+    cfg = make_cfg("trainer.max_epochs=2", "evaluation.figures=true")
     record = run(train, cfg)
     run_dir = tmp_path / "run"
     written = json.loads((run_dir / "metrics.json").read_text())
@@ -296,7 +296,8 @@ def test_open_set_experiment_reports_unseen_class_retrieval(make_cfg) -> None:
 
 @pytest.mark.parametrize("size", [2, 3])
 def test_low_dimensional_embeddings_get_the_circle_or_sphere_figure(make_cfg, tmp_path: Path, size: int) -> None:
-    run(train, make_cfg(f"embedding_size={size}", "head.s=10", "head.m=0.2", "evaluation.projector_samples=50"))
+    overrides = ("head.s=10", "head.m=0.2", "evaluation.figures=true", "evaluation.projector_samples=50")
+    run(train, make_cfg(f"embedding_size={size}", *overrides))
     figure = (tmp_path / "run" / "sphere.png").read_bytes()
     assert figure.startswith(b"\x89PNG") and len(figure) > 10_000
     (metadata,) = (tmp_path / "run" / "tensorboard").rglob("metadata.tsv")
