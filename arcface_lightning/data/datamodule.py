@@ -66,6 +66,8 @@ class ImageDataModule(L.LightningDataModule):
         test_size: int | float | None = None,
         cache: str = "none",
         val_split: str = "by_sample",
+        folds: int | None = None,
+        fold: int = 0,
     ) -> None:
         """`dataset`: a source's name (sources/__init__.py): a torchvision set (files under `data_dir`),
         `image_folder` / `image_list` (files under `root`, a folder or a CSV list; `test_root` the same for a
@@ -75,7 +77,8 @@ class ImageDataModule(L.LightningDataModule):
         workers at every epoch (`none`). `val_split`: `by_sample` draws validation
         (and held-out test) images from every class; `by_class` holds out whole classes (identities) for them, so
         `val_size`/`test_size` count classes, and only classes with ≥ 2 images are held out (a retrieval query
-        needs a match).
+        needs a match). `folds`, `fold`: k-fold cross-validation, validating on fold `fold` of `folds` (null: none);
+        the test set is the one drawn without folds (splits.py).
         `pipeline`: tensor or torchvision (pipelines.py). `augment`: the `data.augment` node (augment.py: kind,
         degrees, translate, scale, crop_padding) or a kind alone. `degrees`, `translate`, `scale`, `crop_padding`:
         deprecated spellings of its keys (older configs and checkpoints), folded into it with a warning."""

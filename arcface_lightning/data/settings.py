@@ -45,6 +45,7 @@ def check_settings(owner: str, given: Mapping[str, Any], legacy: Mapping[str, An
     require(
         owner, "test_size", given["test_size"], f"null (val_size) or {sizes}", lambda v: v is None or splits.is_size(v)
     )
+    check_folds(owner, given)
     check_int(owner, "num_workers", given["num_workers"], minimum=0)
     check_int(owner, "split_seed", given["split_seed"], minimum=0)
     seed_ok = lambda v: v is None or (is_int(v) and v >= 0)  # noqa: E731
@@ -60,3 +61,22 @@ def check_settings(owner: str, given: Mapping[str, Any], legacy: Mapping[str, An
         raise ValueError("data.on_device=true needs data.pipeline=tensor and data.num_workers=0")
     check_class_split(given["train_classes"], given["open_classes"], given["num_classes"])
     return {"augment": augment, "mean": mean, "std": std}
+
+
+def check_folds(owner: str, given: Mapping[str, Any]) -> None:
+    """data.folds (null: no cross-validation) and data.fold, the fold validated on; a source whose splits are fixed
+    (a packed set) has no pool to fold."""
+    folds, fold = given["folds"], given["fold"]
+    allowed = "null (no cross-validation) or an integer ≥ 2"
+    require(owner, "folds", folds, allowed, lambda v: v is None or (is_int(v) and v >= 2))
+    if folds is None:
+        without = "0 without data.folds (set data.folds=K ≥ 2 to cross-validate)"
+        require(owner, "fold", fold, without, lambda v: is_int(v) and v == 0)
+        return
+    allowed = f"an integer 0 ≤ fold < {folds} (data.folds={folds})"
+    require(owner, "fold", fold, allowed, lambda v: is_int(v) and 0 <= v < folds)
+    if SOURCES[given["dataset"]].fixed_splits:
+        raise ValueError(
+            f"data.folds={folds} cannot fold data.dataset={given['dataset']}: its splits were drawn when it was made; "
+            "allowed: data.folds=null, or folds of the images it was made from (data=image_folder)"
+        )

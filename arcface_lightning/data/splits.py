@@ -8,6 +8,12 @@
 
 The generator is seeded with data.split_seed alone, so every run, stage and process draws the same split.
 `val_size` and `test_size` are counts (of images; of classes for by_class), or fractions of the pool below 1.
+
+K-fold cross-validation (`data.folds=K data.fold=i`): the held-out test split is drawn first, exactly as without
+folds (so the test set is the same), and what remains of the pool is dealt into K folds, also seeded by
+data.split_seed alone: fold i validates, the other K-1 train. by_sample stratifies (each class's images spread over
+the folds ±1); by_class deals whole classes (those with 2 images or more; the others train in every fold).
+`val_size` then sizes no validation set: it only stands in for a null `test_size`, as without folds.
 """
 
 from __future__ import annotations
@@ -70,6 +76,35 @@ def by_class(
     held_val, held_test = sorted(order[:val].tolist()), sorted(order[val : val + test].tolist())
     held = set(held_val) | set(held_test)
     return [c for c in range(num_classes) if counts[c] > 0 and c not in held], held_val, held_test
+
+
+def sample_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """Each sample's fold (0..folds-1), stratified: a seeded shuffle, sorted by class (stably, so each class stays
+    in random order), dealt round robin. Every class's images are spread over the folds ±1, the folds' sizes too."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    order = order[torch.sort(labels[order], stable=True).indices]
+    fold = torch.empty_like(order)
+    fold[order] = torch.arange(len(order)) % folds
+    return fold
+
+
+def class_folds(
+    labels: torch.Tensor, num_classes: int, held_test: list[int], folds: int, fold: int, seed: int
+) -> tuple[list[int], list[int]]:
+    """(training, validation) class ids of fold `fold` of a by_class pool, its test classes `held_test` set aside:
+    the classes with 2 images or more (a held-out image is a query that needs a match) dealt over the folds in a
+    seeded order, the folds' class counts ±1; the other classes train in every fold."""
+    counts, test = torch.bincount(labels, minlength=num_classes), set(held_test)
+    eligible = [c for c in range(num_classes) if counts[c] >= 2 and c not in test]
+    if folds > len(eligible):
+        raise DataError(
+            f"data.folds={folds} is more than the {len(eligible)} classes with 2 images or more outside the test "
+            f"classes; allowed: 2 ≤ folds ≤ {len(eligible)} with data.val_split=by_class (a fold holds whole classes)"
+        )
+    order = torch.tensor(eligible)[torch.randperm(len(eligible), generator=torch.Generator().manual_seed(seed))]
+    held_val = sorted(order[fold::folds].tolist())
+    held = test | set(held_val)
+    return [c for c in range(num_classes) if counts[c] > 0 and c not in held], held_val
 
 
 class Split:
@@ -141,9 +176,33 @@ class BySample(PoolSplit):
         return self.settings.train_classes
 
     def draw(self) -> list[Dataset]:
-        hp = self.settings
+        hp, full = self.settings, self.training_pool()
         test_size = 0 if self.source.has_test_set else hp.test_size
-        return by_sample(self.training_pool(), hp.val_size, test_size, hp.split_seed)
+        if hp.folds is None:
+            return by_sample(full, hp.val_size, test_size, hp.split_seed)
+        if test_size == 0:
+            rest, test = torch.arange(len(full)), Subset(full, [])
+        else:  # the test split drawn as without folds; the folds share what remains
+            train, val, test = by_sample(full, hp.val_size, test_size, hp.split_seed)
+            rest = torch.tensor(sorted(train.indices + val.indices), dtype=torch.long)
+        labels = targets(full)[rest]
+        self.check_folds(torch.bincount(labels, minlength=hp.num_classes or 0))
+        fold = sample_folds(labels, hp.folds, hp.split_seed)
+        return [Subset(full, rest[fold != hp.fold].tolist()), Subset(full, rest[fold == hp.fold].tolist()), test]
+
+    def check_folds(self, counts: torch.Tensor) -> None:
+        """Every fold must hold every class: none may have fewer images than there are folds."""
+        folds, present = self.settings.folds, torch.where(counts > 0, counts, counts.max() + 1)
+        label = int(present.argmin())  # the smallest class
+        smallest = int(counts[label])
+        if smallest >= folds:
+            return
+        pool_id = self.settings.train_classes[label] if self.settings.train_classes else label
+        raise DataError(
+            f"data.folds={folds} is more than class {self.source.classes[pool_id]!r} has images in the training pool "
+            f"({smallest}); allowed: 2 ≤ folds ≤ {smallest} with data.val_split=by_sample (every fold holds every "
+            "class)" + ("" if smallest >= 2 else "; data.val_split=by_class folds by identity instead")
+        )
 
     def test(self) -> Dataset:
         """The source's test set (its training classes), or the split held out of the pool."""
@@ -167,7 +226,15 @@ class ByClass(PoolSplit):
         if self._held is None:
             hp, pool = self.settings, self.source.pool(train=True)
             test_size = 0 if self.source.separate_test_identities else hp.test_size
-            self._held = by_class(targets(pool), len(pool.classes), hp.val_size, test_size, hp.split_seed)
+            labels, num_classes = targets(pool), len(pool.classes)
+            if hp.folds is None:
+                self._held = by_class(labels, num_classes, hp.val_size, test_size, hp.split_seed)
+            else:  # the test classes drawn as without folds; the folds share the other classes
+                held_test = []
+                if test_size != 0:  # 0: the source's test set has identities of its own
+                    held_test = by_class(labels, num_classes, hp.val_size, test_size, hp.split_seed)[2]
+                train, held_val = class_folds(labels, num_classes, held_test, hp.folds, hp.fold, hp.split_seed)
+                self._held = train, held_val, held_test
         return self._held
 
     def class_ids(self) -> list[int]:
