@@ -4,8 +4,10 @@ and on DDP ranks, the defaults unchanged, each bad value's one line, and a 3-fol
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -286,3 +288,10 @@ def test_a_three_fold_multirun_runs_one_job_per_fold(tmp_path: Path) -> None:
         assert record["status"] == "ok" and 0 <= record["test/acc"] <= 1, record
         config = yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())
         assert (config["data"]["folds"], config["data"]["fold"]) == (3, int(job))
+    # the report at the end: one row for the one grid point, its three folds as replicates, mean and std over them
+    with open(sweep / "summary_seeds.csv", newline="") as file:
+        (row,) = list(csv.DictReader(file))
+    accuracies = [json.loads((sweep / job / "metrics.json").read_text())["val/acc_best"] for job in jobs]
+    assert (row["folds"], row["n"], row["failed"]) == ("3", "3", "0")
+    assert float(row["val/acc_best mean"]) == pytest.approx(statistics.mean(accuracies), abs=1e-4)
+    assert float(row["val/acc_best std"]) == pytest.approx(statistics.stdev(accuracies), abs=1e-4)
