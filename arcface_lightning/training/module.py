@@ -338,8 +338,9 @@ class ArcFaceModule(L.LightningModule):
         if self.hparams.scheduler is None:
             return optimizer
         lr_scheduler = dict(self.hparams.scheduler)
-        factory = param_groups.per_group_scheduler(lr_scheduler["scheduler"], scales)
+        factory = dict(lr_scheduler["scheduler"])
+        per_group = param_groups.per_group_rates(factory, scales)
         if "total_steps" in factory and factory["total_steps"] is None:
             factory["total_steps"] = self.trainer.estimated_stepping_batches
-        lr_scheduler["scheduler"] = build_part(factory, "scheduler")(optimizer=optimizer)
+        lr_scheduler["scheduler"] = build_part(factory, "scheduler")(optimizer=optimizer, **per_group)
         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}

@@ -17,7 +17,7 @@ weights: they keep their decay, as do Partial FC's rows.
 
 A scheduler sets each group's learning rate from its own starting value, so the × k carries through cosine, step
 and linear schedules as it is. Those given an absolute rate (OneCycleLR's `max_lr`, CyclicLR's `base_lr` and
-`max_lr`, ReduceLROnPlateau's `min_lr`) would overwrite it with one number for every group: `per_group_scheduler`
+`max_lr`, ReduceLROnPlateau's `min_lr`) would overwrite it with one number for every group: `per_group_rates`
 turns such a number into the list of its per-group values. Plain torch: no Lightning, no Hydra.
 """
 
@@ -163,15 +163,11 @@ def describe(optimizer: torch.optim.Optimizer, groups: list[ParamGroup], head_lo
     return lines
 
 
-def per_group_scheduler(factory: Mapping[str, Any], scales: Sequence[float]) -> dict[str, Any]:
-    """A scheduler's config with each absolute rate (ABSOLUTE_RATES) given as a number turned into one value per
-    param group (× the group's lr factor), so the schedule keeps the groups' ratio; unchanged when every factor
-    is 1 or the rate is already a list."""
-    factory = dict(factory)
+def per_group_rates(factory: Mapping[str, Any], scales: Sequence[float]) -> dict[str, list[float]]:
+    """The scheduler's absolute rates (ABSOLUTE_RATES) given as one number, as one value per param group (× the
+    group's lr factor), to call its factory with, so the schedule keeps the groups' ratio. None when every factor is
+    1; a rate given as a list already is the user's."""
     if all(scale == 1.0 for scale in scales):
-        return factory
-    for key in ABSOLUTE_RATES:
-        value = factory.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            factory[key] = [value * scale for scale in scales]
-    return factory
+        return {}
+    numbers = {key: factory[key] for key in ABSOLUTE_RATES if isinstance(factory.get(key), (int, float))}
+    return {key: [value * scale for scale in scales] for key, value in numbers.items() if not isinstance(value, bool)}
