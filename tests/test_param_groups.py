@@ -97,9 +97,8 @@ def test_the_module_groups_a_real_backbone_and_lists_them_at_start(caplog: pytes
         assert [id(p) for p in group["params"]] == [id(params[n]) for n in members]
         assert group["lr"] == pytest.approx(lr, rel=1e-12) and group["weight_decay"] == decay
         values = sum(params[n].numel() for n in members)
-        lines.append(
-            f"optimizer group {name}: {len(members)} tensors, {values:,} values, lr {lr:g}, weight_decay {decay:g}"
-        )
+        tensors = f"{len(members)} tensor" + ("s" if len(members) > 1 else "")
+        lines.append(f"optimizer group {name}: {tensors}, {values:,} values, lr {lr:g}, weight_decay {decay:g}")
     assert [r.getMessage() for r in caplog.records if r.name == "arcface_lightning.training.module"] == lines
 
 

@@ -325,22 +325,23 @@ class ArcFaceModule(L.LightningModule):
         self.head.write_back(getattr(optimizer, "optimizer", optimizer))
 
     def configure_optimizers(self) -> Any:
-        """The optimiser over the model's groups (training/param_groups.py) and the head's own, listed in the log
-        one line per group; the scheduler with its absolute rates per group."""
+        """The optimiser over the model's groups (training/param_groups.py) and the head's own; the scheduler with
+        its absolute rates per group. Each group is listed in the log, at the rate the scheduler starts it at."""
         local = {name: getattr(self.head, name) for name in self.head.rank_local_parameters()}
         groups = param_groups.plan(self, self.group_settings, exclude=[f"head.{name}" for name in local])
         optimizer, scales = param_groups.build_optimizer(
             self.optimizer_factory, groups, self.head.optimizer_groups(), self.group_settings
         )
+        configured: Any = optimizer
+        if self.hparams.scheduler is not None:
+            lr_scheduler = dict(self.hparams.scheduler)
+            factory = dict(lr_scheduler["scheduler"])
+            per_group = param_groups.per_group_rates(factory, scales)
+            if "total_steps" in factory and factory["total_steps"] is None:
+                factory["total_steps"] = self.trainer.estimated_stepping_batches
+            lr_scheduler["scheduler"] = build_part(factory, "scheduler")(optimizer=optimizer, **per_group)
+            configured = {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
         if self._trainer is None or self.trainer.is_global_zero:  # once, not per rank
             for line in param_groups.describe(optimizer, groups, {n: p.numel() for n, p in local.items()}):
                 log.info(line)
-        if self.hparams.scheduler is None:
-            return optimizer
-        lr_scheduler = dict(self.hparams.scheduler)
-        factory = dict(lr_scheduler["scheduler"])
-        per_group = param_groups.per_group_rates(factory, scales)
-        if "total_steps" in factory and factory["total_steps"] is None:
-            factory["total_steps"] = self.trainer.estimated_stepping_batches
-        lr_scheduler["scheduler"] = build_part(factory, "scheduler")(optimizer=optimizer, **per_group)
-        return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+        return configured

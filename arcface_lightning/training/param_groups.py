@@ -153,7 +153,8 @@ def describe(optimizer: torch.optim.Optimizer, groups: list[ParamGroup], head_lo
     for i, group in enumerate(optimizer.param_groups):
         name = group.get("name") or (groups[i].name if i < len(groups) else "head_own")
         if i < len(groups):
-            what = f"{len(group['params'])} tensors, {sum(p.numel() for p in group['params']):,} values"
+            tensors = len(group["params"])
+            what = f"{tensors} tensor{'s' * (tensors != 1)}, {sum(p.numel() for p in group['params']):,} values"
         else:
             rows = ", ".join(f"head.{n} ({v:,} values on this rank)" for n, v in head_local.items())
             what = f"stepped through the head: {rows or 'its own parameters'}"
@@ -165,7 +166,7 @@ def describe(optimizer: torch.optim.Optimizer, groups: list[ParamGroup], head_lo
 
 def per_group_rates(factory: Mapping[str, Any], scales: Sequence[float]) -> dict[str, list[float]]:
     """The scheduler's absolute rates (ABSOLUTE_RATES) given as one number, as one value per param group (× the
-    group's lr factor), to call its factory with, so the schedule keeps the groups' ratio. None when every factor is
+    group's lr factor), to call its factory with, so the schedule keeps the groups' ratio. Empty when every factor is
     1; a rate given as a list already is the user's."""
     if all(scale == 1.0 for scale in scales):
         return {}
