@@ -237,3 +237,29 @@ def test_a_head_without_a_margin_has_no_warm_up_key() -> None:
     result = cli("train", "head=softmax", "head.margin_warmup_epochs=1")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: head.margin_warmup_epochs: no such key; head has:")
+
+
+def test_the_warm_up_reads_nothing_back_to_the_host_between_logging_steps(make_cfg, monkeypatch) -> None:
+    """The factor is a host number from the step: setting it and logging it add no device read. Accelerator tensors
+    are simulated as in test_module.py (reads are not free); every host read inside training_step is recorded."""
+    from arcface_lightning.models import heads
+    from arcface_lightning.training.module import ArcFaceModule
+
+    monkeypatch.setattr(heads, "reads_are_free", lambda tensor: False)
+    reads: list[int] = []
+
+    class Recorded(ArcFaceModule):
+        def training_step(self, batch, batch_idx):
+            with pytest.MonkeyPatch.context() as patch:
+                for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+                    original = getattr(torch.Tensor, name)
+                    patch.setattr(torch.Tensor, name, lambda t, *a, _o=original, **k: reads.append(self.global_step)
+                                  or _o(t, *a, **k))  # fmt: skip
+                return super().training_step(batch, batch_idx)
+
+    cfg = make_cfg("logger=csv", "head.margin_warmup_epochs=2", "trainer.log_every_n_steps=4",
+                   "trainer.limit_train_batches=8", "trainer.limit_val_batches=1")  # fmt: skip
+    datamodule, model, trainer = build(cfg)
+    model.__class__ = Recorded
+    trainer.fit(model, datamodule=datamodule)
+    assert set(reads) == {3, 7} and model.head.margin_warmup_epochs == 2
