@@ -327,7 +327,7 @@ class ArcFaceModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         """The optimiser over the model's groups (training/param_groups.py) and the head's own; the scheduler with
         its absolute rates per group. Each group is listed in the log, at the rate the scheduler starts it at."""
-        local = {name: getattr(self.head, name) for name in self.head.rank_local_parameters()}
+        local = {name: self.head.get_parameter(name) for name in self.head.rank_local_parameters()}
         groups = param_groups.plan(self, self.group_settings, exclude=[f"head.{name}" for name in local])
         optimizer, scales = param_groups.build_optimizer(
             self.optimizer_factory, groups, self.head.optimizer_groups(), self.group_settings
