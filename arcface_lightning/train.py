@@ -33,6 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from arcface_lightning.core.checks import BadValue
 from arcface_lightning.core.config import (
     CONF_DIR,
     REPO_ROOT,
@@ -59,6 +60,7 @@ from arcface_lightning.models.partial_fc import AUTO_SHARD_CLASSES
 from arcface_lightning.serving.checkpoints import Checkpoint
 from arcface_lightning.training.callbacks import ContractInCheckpoint, pair_metric_prefixes, pair_sets
 from arcface_lightning.training.module import ArcFaceModule, build_part
+from arcface_lightning.training.param_groups import split_optimizer_config
 
 # beside the hyper-parameters in TensorBoard's HPARAMS tab (by_class runs have no closed-set accuracy)
 HPARAMS_METRICS = ("val/acc_best", "val/precision_at_1_best", "test/acc", "test/acc_margin", "test/precision_at_1")
@@ -197,8 +199,13 @@ def check_optimization(cfg: DictConfig) -> Any:
         value = cfg.optimizer.get(key)
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
             raise ConfigError(f"optimizer.{key}={value!r} is invalid; allowed: a number ≥ 0")
+    try:  # no_decay_norm_bias and head_lr_scale are the module's, not torch.optim's (training/param_groups.py)
+        torch_config = split_optimizer_config(OmegaConf.to_container(cfg.optimizer, resolve=True))[0]
+    except BadValue as error:
+        raise ConfigError(f"optimizer.{error.name}={error.value!r} is invalid; allowed: {error.allowed}") from error
     try:
-        make_optimizer = instantiate_node(cfg, "optimizer")
+        check_types(OmegaConf.create(torch_config), "optimizer")
+        make_optimizer = instantiate(torch_config)
         optimizer = make_optimizer(params=[torch.nn.Parameter(torch.zeros(1))])
     except ConfigError:
         raise

@@ -33,6 +33,11 @@ Choices, and why:
   device at every step; there the data module checks every label once when it builds its splits
   (data/datasets.py), and an out-of-range label from elsewhere ends in the device's own index assertion.
 
+Margin warm-up: `set_margin_scale(t)` (t ∈ [0, 1], 1 unless set) multiplies every margin by t — m2 and m3 become
+t·m2 and t·m3, m1 becomes 1 + t·(m1 − 1) (`ramp`, exact at both ends) — so at t = 0 the training logits are s·cos θ,
+bit for bit, and at t = 1 the configured head's. The module sets t per step from its schedule when the head's
+`margin_warmup_epochs` > 0 (protocol.warmup_factor); a plain attribute, not state: the step decides it.
+
 `psi(cos, m1, m2, m3)` is ψ as one pure function: every margin head here, the newer heads of recent_heads.py and
 Partial FC call it. Every head answers the module through protocol.py's `Head` (`step`, and optional hooks).
 No framework imports beyond torch: these are plain nn.Modules usable in any training loop.
@@ -107,18 +112,38 @@ def psi(cos_target: torch.Tensor, m1: Margin = 1.0, m2: Margin = 0.0, m3: Margin
     return torch.where(theta <= theta_max, torch.cos(m1 * theta + m2), cos_target - shift) - m3
 
 
+def ramp(margin: float, scale: float, none: float = 0.0) -> float:
+    """A margin at warm-up factor `scale`: `none` (no margin) at 0, `margin` at 1, linear between. Written
+    (1 − t)·none + t·margin so that both ends are exact in floating point."""
+    return (1.0 - scale) * none + scale * margin
+
+
+def warmed_margins(margins: dict[str, float], scale: float) -> dict[str, float]:
+    """ψ's constants (m1, m2, m3) at warm-up factor `scale`: m1 from 1, m2 and m3 from 0."""
+    return {name: ramp(value, scale, none=1.0 if name == "m1" else 0.0) for name, value in margins.items()}
+
+
 class MarginHead(Head):
     """Class weights (`per_class` rows per class, class-major) and the inference side every margin head shares:
-    cosines, and logits s·cos θ without a margin. Subclasses give `training_logits(embeddings, labels)`."""
+    cosines, and logits s·cos θ without a margin. Subclasses give `training_logits(embeddings, labels)`, with
+    their margins multiplied by `margin_scale` (the warm-up's factor, see the module doc)."""
 
-    def __init__(self, embedding_size: int, num_classes: int, s: float, per_class: int = 1) -> None:
+    def __init__(
+        self, embedding_size: int, num_classes: int, s: float, per_class: int = 1, margin_warmup_epochs: int = 0
+    ) -> None:
         super().__init__()
         owner = type(self).__name__
         _check_sizes(owner, embedding_size, num_classes)
         check_number(owner, "s", s, "a finite number > 0", lambda v: v > 0)
+        check_int(owner, "margin_warmup_epochs", margin_warmup_epochs, minimum=0)
         self.embedding_size, self.num_classes, self.s = int(embedding_size), int(num_classes), float(s)
+        self.margin_warmup_epochs, self.margin_scale = int(margin_warmup_epochs), 1.0
         self.weight = nn.Parameter(torch.empty(self.num_classes * per_class, self.embedding_size))
         nn.init.xavier_uniform_(self.weight)
+
+    def set_margin_scale(self, scale: float) -> None:
+        check_number(type(self).__name__, "margin_scale", scale, "0 ≤ scale ≤ 1", lambda v: 0.0 <= v <= 1.0)
+        self.margin_scale = float(scale)
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Plain cosines cos θ (batch, num_classes), fp32, no margin and no scale."""
@@ -147,6 +172,7 @@ class CombinedMarginHead(MarginHead):
         m1: float = 1.0,
         m2: float = 0.3,
         m3: float = 0.2,
+        margin_warmup_epochs: int = 0,
     ) -> None:
         owner = type(self).__name__
         _check_sizes(owner, embedding_size, num_classes)
@@ -154,17 +180,17 @@ class CombinedMarginHead(MarginHead):
         check_number(owner, "m1", m1, "1 ≤ m1 ≤ 10", lambda v: 1.0 <= v <= 10.0)
         check_number(owner, "m2", m2, "0 ≤ m2 < π", lambda v: 0.0 <= v < math.pi)
         check_number(owner, "m3", m3, "0 ≤ m3 ≤ 1", lambda v: 0.0 <= v <= 1.0)
-        super().__init__(embedding_size, num_classes, s)
+        super().__init__(embedding_size, num_classes, s, margin_warmup_epochs=margin_warmup_epochs)
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
 
     @property
     def margins(self) -> dict[str, float]:
-        """ψ's constants, for psi(cos, **margins) (Partial FC keeps these, not the head)."""
+        """ψ's configured constants, for psi(cos, **margins) (Partial FC keeps these, not the head)."""
         return {"m1": self.m1, "m2": self.m2, "m3": self.m3}
 
     def psi(self, cos_target: torch.Tensor) -> torch.Tensor:
-        """The margin ψ applied to the target cosines (any shape, fp32)."""
-        return psi(cos_target, self.m1, self.m2, self.m3)
+        """The margin ψ applied to the target cosines (any shape, fp32), at the warm-up's `margin_scale`."""
+        return psi(cos_target, **warmed_margins(self.margins, self.margin_scale))
 
     def training_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(training logits with the margin, inference logits without), both (batch, num_classes), from one
@@ -184,18 +210,26 @@ class CombinedMarginHead(MarginHead):
 class ArcFaceHead(CombinedMarginHead):
     """ArcFace (Deng et al., 2019): additive angular margin, ψ(θ) = cos(θ + m), m in radians."""
 
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 0.5) -> None:
+    def __init__(
+        self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 0.5, margin_warmup_epochs: int = 0
+    ) -> None:
         check_number(type(self).__name__, "m", m, "0 ≤ m < π", lambda v: 0.0 <= v < math.pi)
-        super().__init__(embedding_size, num_classes, s=s, m1=1.0, m2=m, m3=0.0)
+        super().__init__(
+            embedding_size, num_classes, s=s, m1=1.0, m2=m, m3=0.0, margin_warmup_epochs=margin_warmup_epochs
+        )
         self.m = float(m)
 
 
 class CosFaceHead(CombinedMarginHead):
     """CosFace (Wang et al., 2018): additive cosine margin, ψ(θ) = cos θ − m."""
 
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 0.35) -> None:
+    def __init__(
+        self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 0.35, margin_warmup_epochs: int = 0
+    ) -> None:
         check_number(type(self).__name__, "m", m, "0 ≤ m ≤ 1", lambda v: 0.0 <= v <= 1.0)
-        super().__init__(embedding_size, num_classes, s=s, m1=1.0, m2=0.0, m3=m)
+        super().__init__(
+            embedding_size, num_classes, s=s, m1=1.0, m2=0.0, m3=m, margin_warmup_epochs=margin_warmup_epochs
+        )
         self.m = float(m)
 
 
@@ -203,9 +237,13 @@ class SphereFaceHead(CombinedMarginHead):
     """SphereFace-style (Liu et al., 2017) multiplicative angular margin ψ(θ) = cos(m·θ), on normalised weights
     and a fixed scale s (the original's unnormalised features and annealing are left out)."""
 
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 1.5) -> None:
+    def __init__(
+        self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 1.5, margin_warmup_epochs: int = 0
+    ) -> None:
         check_number(type(self).__name__, "m", m, "1 ≤ m ≤ 10", lambda v: 1.0 <= v <= 10.0)
-        super().__init__(embedding_size, num_classes, s=s, m1=m, m2=0.0, m3=0.0)
+        super().__init__(
+            embedding_size, num_classes, s=s, m1=m, m2=0.0, m3=0.0, margin_warmup_epochs=margin_warmup_epochs
+        )
         self.m = float(m)
 
 

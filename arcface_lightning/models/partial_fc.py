@@ -62,6 +62,7 @@ from arcface_lightning.models.heads import (
     cosine_similarity,
     normalize,
     psi,
+    warmed_margins,
 )
 from arcface_lightning.models.protocol import Head, HeadStep
 
@@ -132,6 +133,7 @@ class PartialFC(Head):
         # matrix alive on every rank after shard()
         self.s = margin.s
         self.margins = margin.margins
+        self.margin_warmup_epochs, self.margin_scale = margin.margin_warmup_epochs, margin.margin_scale
         self.embedding_size, self.num_classes = margin.embedding_size, margin.num_classes
         self.sample_rate, self.sharded = float(sample_rate), sharded
         self.weight = margin.weight
@@ -150,8 +152,13 @@ class PartialFC(Head):
         self.margin_repr = repr(margin)
 
     def psi(self, cos_target: torch.Tensor) -> torch.Tensor:
-        """The margin head's ψ (heads.psi with its constants)."""
-        return psi(cos_target, **self.margins)
+        """The margin head's ψ (heads.psi with its constants, at the warm-up's `margin_scale`)."""
+        return psi(cos_target, **warmed_margins(self.margins, self.margin_scale))
+
+    def set_margin_scale(self, scale: float) -> None:
+        """The warm-up's factor, as the margin head's (heads.MarginHead.set_margin_scale)."""
+        check_number("PartialFC", "margin_scale", scale, "0 ≤ scale ≤ 1", lambda v: 0.0 <= v <= 1.0)
+        self.margin_scale = float(scale)
 
     # -- the head protocol (protocol.py) ------------------------------------------------------------------------
     def step(self, embeddings: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> PartialFCStep:

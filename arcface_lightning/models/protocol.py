@@ -10,7 +10,9 @@ A head maps embeddings and labels to a loss and two predictions (`step`), and em
 - `rank_local_parameters()`: parameters each rank holds its own part of, out of DDP's averaging and of the model's
   optimiser group (Partial FC's centres);
 - `optimizer_groups()`: parameter groups after the model's (Partial FC: the slot its sampled rows take);
-- `whole_state(state, prefix)`: every rank, on saving a checkpoint (Partial FC sends its rows to rank zero).
+- `whole_state(state, prefix)`: every rank, on saving a checkpoint (Partial FC sends its rows to rank zero);
+- `set_margin_scale(scale)`: the margin warm-up's factor, before each step (the margin heads; `margin_warmup_epochs`
+  > 0 asks for it, and `warmup_factor` is its schedule).
 
 So the module never asks which head it holds, and a new head is one class. Plain torch: no Lightning, no Hydra.
 """
@@ -41,6 +43,7 @@ class Head(nn.Module):
     takes the softmax cross-entropy of the first) or their own `step`."""
 
     num_classes: int
+    margin_warmup_epochs: int = 0  # epochs over which the module ramps the margin in (set_margin_scale); 0: none
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -79,3 +82,15 @@ class Head(nn.Module):
     def whole_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
         """Every rank, on saving a checkpoint: make this head's per-rank entries of `state` (keys under `prefix`)
         whole, in place, so the file is the same whatever the world size."""
+
+    def set_margin_scale(self, scale: float) -> None:
+        """The factor in [0, 1] every margin of the head is multiplied by from now on (0: no margin, 1: the
+        configured one). The module sets it before each step while `margin_warmup_epochs` > 0."""
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The margin warm-up's schedule: linear in optimizer steps, 0 at step 0 and 1 from `warmup_steps` on (1 when
+    there is no warm-up). A pure function of the step, so a resumed run continues the ramp where it stopped."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return 1.0
+    return step / warmup_steps

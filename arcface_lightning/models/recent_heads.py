@@ -25,6 +25,16 @@ State and DDP:
 - The margin ψ of ArcFace (monotone fallback past θ = π − m) is heads.psi(cos, m2=m), the one function every
   margin head uses; ElasticFace's per-sample margins go through it element-wise (m2 or m3 a tensor).
 
+Margin warm-up (heads.py's module doc: `set_margin_scale(t)`, every margin × t) and the state: the statistics do not
+depend on the margin, so they keep moving from the first step, and the margin comes in on settled values:
+- sub-centres: m → t·m; the counts (nearest sub-centre) accumulate as without warm-up;
+- AdaFace: m → t·m (both its angular and its additive part, m·ẑ included); the norm EMAs update at every step;
+- ElasticFace: each draw m_i → t·m_i (mean and spread ramp together); `draws` advances at every training forward, so
+  the stream of draws is the one the run would have without warm-up;
+- CurricularFace: m → t·m, and each hard negative's logit blends from cos θ_j to cos θ_j·(t_c + cos θ_j) by t (at
+  t = 0 no negative is modulated: the logits are s·cos θ); its t_c keeps its EMA of cos θ_y at every step.
+At t = 0 every one gives s·cos θ exactly (no angle round trip: AdaFace and ElasticFace skip it at a zero margin).
+
 Why CurricularFace and not MagFace: MagFace adds a regulariser g(‖z‖) on the feature magnitude to the loss and
 needs the magnitude bounded to [l_a, u_a]. The heads hand logits to the module, which computes plain cross-entropy,
 so MagFace's extra term would need a second return value and a module change; CurricularFace only changes logits.
@@ -43,7 +53,7 @@ import torch.nn.functional as F
 
 from arcface_lightning.core.checks import check_choice, check_int, check_number, is_int, require
 from arcface_lightning.models.distributed import rank_and_world
-from arcface_lightning.models.heads import COS_EPS, MarginHead, check_labels, cosine_similarity, psi
+from arcface_lightning.models.heads import COS_EPS, MarginHead, check_labels, cosine_similarity, psi, ramp
 
 
 def _target(cos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +96,7 @@ class SubCenterArcFaceHead(MarginHead):
         m: float = 0.5,
         k: int = 3,
         drop_after_epoch: int | None = None,
+        margin_warmup_epochs: int = 0,
     ) -> None:
         owner = type(self).__name__
         check_number(owner, "m", m, "0 ≤ m < π", lambda v: 0.0 <= v < math.pi)
@@ -97,7 +108,7 @@ class SubCenterArcFaceHead(MarginHead):
             "null or an integer ≥ 1",
             lambda v: v is None or (is_int(v) and v >= 1),
         )
-        super().__init__(embedding_size, num_classes, s, per_class=k)
+        super().__init__(embedding_size, num_classes, s, per_class=k, margin_warmup_epochs=margin_warmup_epochs)
         self.m, self.k, self.drop_after_epoch = float(m), int(k), drop_after_epoch
         self.register_buffer("counts", torch.zeros(self.num_classes, self.k, dtype=torch.int64))
         self.register_buffer("live", torch.ones(self.num_classes, self.k, dtype=torch.bool))
@@ -116,7 +127,7 @@ class SubCenterArcFaceHead(MarginHead):
         index, cos_y = _target(cos, labels)
         if self.training:
             self._count(index, closest.gather(1, index))
-        margin = psi(cos_y, m2=self.m)
+        margin = psi(cos_y, m2=ramp(self.m, self.margin_scale))
         return self.s * cos.scatter(1, index, margin), self.s * cos
 
     @torch.no_grad()
@@ -172,12 +183,13 @@ class AdaFaceHead(MarginHead):
         m: float = 0.4,
         h: float = 0.333,
         t_alpha: float = 0.01,
+        margin_warmup_epochs: int = 0,
     ) -> None:
         owner = type(self).__name__
         check_number(owner, "m", m, "0 ≤ m ≤ 1", lambda v: 0.0 <= v <= 1.0)
         check_number(owner, "h", h, "h ≥ 0", lambda v: v >= 0.0)
         check_number(owner, "t_alpha", t_alpha, "0 < t_alpha ≤ 1", lambda v: 0.0 < v <= 1.0)
-        super().__init__(embedding_size, num_classes, s)
+        super().__init__(embedding_size, num_classes, s, margin_warmup_epochs=margin_warmup_epochs)
         self.m, self.h, self.t_alpha = float(m), float(h), float(t_alpha)
         self.register_buffer("batch_mean", torch.tensor(20.0))
         self.register_buffer("batch_std", torch.tensor(100.0))
@@ -197,9 +209,12 @@ class AdaFaceHead(MarginHead):
         cos = self.cosine(embeddings)
         scaler = self.margin_scaler(embeddings).unsqueeze(1)
         index, cos_y = _target(cos, labels)
+        m = ramp(self.m, self.margin_scale)
+        if m == 0.0:  # no margin: s·cos θ exactly, without the clamped angle round trip
+            return self.s * cos, self.s * cos
         theta = torch.acos(cos_y.clamp(-1.0 + self.EPS, 1.0 - self.EPS))
-        theta = (theta - self.m * scaler).clamp(self.EPS, math.pi - self.EPS)
-        margin = torch.cos(theta) - (self.m + self.m * scaler)
+        theta = (theta - m * scaler).clamp(self.EPS, math.pi - self.EPS)
+        margin = torch.cos(theta) - (m + m * scaler)
         return self.s * cos.scatter(1, index, margin), self.s * cos
 
     def extra_repr(self) -> str:
@@ -250,6 +265,7 @@ class ElasticFaceHead(MarginHead):
         sigma: float = 0.05,
         plus: bool = False,
         seed: int = 0,
+        margin_warmup_epochs: int = 0,
     ) -> None:
         owner = type(self).__name__
         check_choice(owner, "variant", variant, ("arc", "cos"))
@@ -261,7 +277,7 @@ class ElasticFaceHead(MarginHead):
         check_number(owner, "sigma", sigma, "sigma ≥ 0", lambda v: v >= 0.0)
         check_choice(owner, "plus", plus, (True, False))
         check_int(owner, "seed", seed, minimum=0)
-        super().__init__(embedding_size, num_classes, s)
+        super().__init__(embedding_size, num_classes, s, margin_warmup_epochs=margin_warmup_epochs)
         self.variant, self.m, self.sigma, self.plus, self.seed = variant, float(m), float(sigma), bool(plus), seed
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
         self._draws = 0
@@ -282,8 +298,8 @@ class ElasticFaceHead(MarginHead):
     def training_logits(
         self, embeddings: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`margins` (B,) replaces the draw (for tests); ElasticFace+ still ranks them. A training forward advances
-        `draws` whether or not it drew."""
+        """`margins` (B,) replaces the draw (for tests); ElasticFace+ still ranks them, and the warm-up scales them.
+        A training forward advances `draws` whether or not it drew."""
         check_labels(labels, self.num_classes)
         cos = self.cosine(embeddings)
         index, cos_y = _target(cos, labels)
@@ -292,7 +308,9 @@ class ElasticFaceHead(MarginHead):
         if self.training:
             self.draws.add_(1)
             self._draws += 1
-        margins = margins.to(cos)
+        if self.margin_scale == 0.0:  # warm-up at its start: s·cos θ exactly (the draw above still counted)
+            return self.s * cos, self.s * cos
+        margins = margins.to(cos) * self.margin_scale
         if self.plus:
             margins = self.rank_margins(margins, cos_y.squeeze(1))
         margins = margins.unsqueeze(1)
@@ -326,9 +344,11 @@ class CurricularFaceHead(MarginHead):
 
     T_MOMENTUM = 0.01
 
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5) -> None:
+    def __init__(
+        self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5, margin_warmup_epochs: int = 0
+    ) -> None:
         check_number(type(self).__name__, "m", m, "0 ≤ m < π", lambda v: 0.0 <= v < math.pi)
-        super().__init__(embedding_size, num_classes, s)
+        super().__init__(embedding_size, num_classes, s, margin_warmup_epochs=margin_warmup_epochs)
         self.m = float(m)
         self.register_buffer("t", torch.zeros(()))
 
@@ -336,13 +356,18 @@ class CurricularFaceHead(MarginHead):
         check_labels(labels, self.num_classes)
         cos = self.cosine(embeddings)
         index, cos_y = _target(cos, labels)
+        scale, m = self.margin_scale, ramp(self.m, self.margin_scale)
         with torch.no_grad():
             if self.training:
                 mean = _global_mean_std(cos_y.squeeze(1), self.t)[0]
                 self.t.mul_(1.0 - self.T_MOMENTUM).add_(self.T_MOMENTUM * mean)
-            boundary = torch.cos(torch.acos(cos_y.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)) + self.m)
-        negatives = torch.where(cos > boundary, cos * (self.t + cos), cos)
-        margin = psi(cos_y, m2=self.m)
+            boundary = torch.cos(torch.acos(cos_y.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)) + m)
+        if scale == 0.0:
+            negatives = cos
+        else:  # the warm-up blends the modulation in: none at t = 0, the configured one at t = 1
+            hard = cos * (self.t + cos)
+            negatives = torch.where(cos > boundary, hard if scale == 1.0 else torch.lerp(cos, hard, scale), cos)
+        margin = psi(cos_y, m2=m)
         return self.s * negatives.scatter(1, index, margin), self.s * cos
 
     def extra_repr(self) -> str:

@@ -3,10 +3,18 @@
 Accuracy is always the argmax of the margin-free logits s·cos θ (no labels): that is what the model predicts.
 `*/acc_margin` is the seed script's flawed metric (argmax of the logits with the margin applied to the true class),
 logged beside it only so the two can be compared; never select or report models on it.
+
+Margin warm-up: a head with `margin_warmup_epochs` = E > 0 gets, before each training step, the factor
+protocol.warmup_factor(global_step, E × the optimizer steps of one epoch): its margins ramp linearly from none to
+the configured ones over the first E epochs, and a resumed run continues the ramp (global_step is restored).
+Validation and test use the configured margins (factor 1): `val/loss` is the same objective at every epoch, with or
+without warm-up. `train/margin_scale` is logged on the steps the loggers write.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,12 +25,15 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from arcface_lightning.core.checks import BadValue, DivergedError, check_choice, check_int
+from arcface_lightning.core.checks import BadValue, ConfigError, DivergedError, check_choice, check_int
 from arcface_lightning.core.registry import check_lr_scheduler, check_part, current_target
 from arcface_lightning.evaluation.metrics import SELECTION, embedding_metrics
 from arcface_lightning.models import heads
 from arcface_lightning.models.partial_fc import build_with_partial_fc
-from arcface_lightning.models.protocol import Head
+from arcface_lightning.models.protocol import Head, warmup_factor
+from arcface_lightning.training import param_groups
+
+log = logging.getLogger(__name__)
 
 
 def build_part(config: Mapping[str, Any], part: str) -> Any:
@@ -52,7 +63,8 @@ class ArcFaceModule(L.LightningModule):
         head: a head with `training_logits(embeddings, labels)`, `logits(embeddings)` and `num_classes` (heads.py),
             or its config.
         optimizer: a callable `params -> torch.optim.Optimizer` (e.g. `functools.partial(torch.optim.Adam, lr=1e-3)`),
-            or the config of one (`_partial_: true`); called with all parameters (backbone and head).
+            or the config of one (`_partial_: true`); called with all parameters (backbone and head). A config's
+            `no_decay_norm_bias` and `head_lr_scale` split them into groups (training/param_groups.py).
         scheduler: None, or Lightning's lr-scheduler dict whose `scheduler` is a partial config; a `total_steps: null`
             in it is filled with the trainer's estimated number of optimizer steps (for OneCycleLR).
         max_pairs: verification pairs sampled at test time (see metrics.py) when the test set has more.
@@ -95,6 +107,9 @@ class ArcFaceModule(L.LightningModule):
         self.save_hyperparameters(ignore=live)
         if scheduler is not None:  # built in configure_optimizers; its targets are checked now, before any work
             check_lr_scheduler(scheduler)
+        self.group_settings = param_groups.GroupSettings()
+        if isinstance(optimizer, Mapping):
+            optimizer, self.group_settings = param_groups.split_optimizer_config(optimizer)
         self.optimizer_factory = optimizer if callable(optimizer) else build_part(optimizer, "optimizer")
         if example_input_shape is not None:
             self.example_input_array = torch.zeros(1, *example_input_shape)
@@ -133,6 +148,7 @@ class ArcFaceModule(L.LightningModule):
         # A plain attribute, not a buffer: DDP would overwrite every rank's buffers with rank zero's.
         self._loss_not_finite: torch.Tensor | None = None
         self.predict_flip = False  # embed flip=true: predict_step fuses each image with its mirror
+        self._warmup_steps: int | None = None  # the margin warm-up's length in optimizer steps, set once per fit
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings (batch, embedding_size)."""
@@ -143,6 +159,8 @@ class ArcFaceModule(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         images, labels = batch
         embeddings = self(images)
+        if self.head.margin_warmup_epochs:
+            self.head.set_margin_scale(self._margin_scale() if self.training else 1.0)
         # the training objective (margin on the true class) and the predictions, the head's way (protocol.py)
         out = self.head.step(embeddings, labels, seed=self._step_seed() if self.training else 0)
         return out.loss, out.preds, out.margin_preds, labels, embeddings
@@ -171,7 +189,25 @@ class ArcFaceModule(L.LightningModule):
         self.train_samples.update(detached.new_full((), len(labels)))
         if logging_step:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+            if self.head.margin_warmup_epochs:  # a host number: logged only where the step syncs anyway
+                self.log("train/margin_scale", self._margin_scale(), on_step=True, on_epoch=False)
         return loss
+
+    def on_train_start(self) -> None:
+        self._warmup_steps = None  # the training set is known now; measured again at each fit
+
+    def _margin_scale(self) -> float:
+        """The margin warm-up's factor at this optimizer step (protocol.warmup_factor)."""
+        if self._warmup_steps is None:
+            batches = self.trainer.num_training_batches
+            if self.head.margin_warmup_epochs and math.isinf(batches):
+                raise ConfigError(
+                    f"head.margin_warmup_epochs={self.head.margin_warmup_epochs} needs a training loader with a "
+                    "length (the warm-up counts its steps); allowed: 0 with this loader"
+                )
+            steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches) if batches else 0
+            self._warmup_steps = self.head.margin_warmup_epochs * steps_per_epoch
+        return warmup_factor(self.global_step, self._warmup_steps)
 
     def _loggers_write_this_step(self) -> bool:
         """Whether Lightning sends this training step's logs to the loggers: every `log_every_n_steps` optimizer
@@ -289,15 +325,23 @@ class ArcFaceModule(L.LightningModule):
         self.head.write_back(getattr(optimizer, "optimizer", optimizer))
 
     def configure_optimizers(self) -> Any:
-        local = {f"head.{name}" for name in self.head.rank_local_parameters()}
-        params = [p for name, p in self.named_parameters() if name not in local]
-        groups = self.head.optimizer_groups()
-        optimizer = self.optimizer_factory(params=[{"params": params}, *groups] if groups else params)
-        if self.hparams.scheduler is None:
-            return optimizer
-        lr_scheduler = dict(self.hparams.scheduler)
-        factory = dict(lr_scheduler["scheduler"])
-        if "total_steps" in factory and factory["total_steps"] is None:
-            factory["total_steps"] = self.trainer.estimated_stepping_batches
-        lr_scheduler["scheduler"] = build_part(factory, "scheduler")(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+        """The optimiser over the model's groups (training/param_groups.py) and the head's own; the scheduler with
+        its absolute rates per group. Each group is listed in the log, at the rate the scheduler starts it at."""
+        local = {name: self.head.get_parameter(name) for name in self.head.rank_local_parameters()}
+        groups = param_groups.plan(self, self.group_settings, exclude=[f"head.{name}" for name in local])
+        optimizer, scales = param_groups.build_optimizer(
+            self.optimizer_factory, groups, self.head.optimizer_groups(), self.group_settings
+        )
+        configured: Any = optimizer
+        if self.hparams.scheduler is not None:
+            lr_scheduler = dict(self.hparams.scheduler)
+            factory = dict(lr_scheduler["scheduler"])
+            per_group = param_groups.per_group_rates(factory, scales)
+            if "total_steps" in factory and factory["total_steps"] is None:
+                factory["total_steps"] = self.trainer.estimated_stepping_batches
+            lr_scheduler["scheduler"] = build_part(factory, "scheduler")(optimizer=optimizer, **per_group)
+            configured = {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+        if self._trainer is None or self.trainer.is_global_zero:  # once, not per rank
+            for line in param_groups.describe(optimizer, groups, {n: p.numel() for n, p in local.items()}):
+                log.info(line)
+        return configured
