@@ -1,16 +1,22 @@
-"""Pack a folder of class folders (or a CSV list) into a streaming set: data=streaming data.root=<output>.
+"""Pack a folder of class folders, a CSV list or an insightface folder into a streaming set: data=streaming
+data.root=<output>.
 
     python -m arcface_lightning.pack /data/casia /data/casia_packed
     python -m arcface_lightning.pack /data/casia /data/casia_packed --val-split by_class --val-size 500 --test-size 500
     python -m arcface_lightning.pack /data/train.csv /data/packed --test-root /data/test.csv --workers 8
+    python -m arcface_lightning.pack /data/ms1m-retinaface /data/ms1m_packed --val-size 0.01
 
-The splits are made here, once, exactly as `data=image_folder` makes them (same keys, same seed, same sets), and
-each is written as a LitData set (`<output>/train`, `<output>/val`, `<output>/test`) of the original encoded files
-with their labels, in a seeded random order (LitData shuffles chunks and samples within them, so chunks must mix
-classes). Every image is decoded once while indexing (data/images.py, in --workers processes): files that cannot
-be decoded are skipped and listed in `<output>/skipped.txt` (the count is printed). `<output>/arcface.json`
-records the format version, the sample counts, the class names and the split; training checks it and the chunk
-files before it starts (data/sources/packed.py).
+The source's kind follows from what it is: a file is a CSV list (`data=image_list`), a folder holding `train.rec` or
+`train.idx` is insightface's RecordIO layout (`data=insightface`), any other folder a folder of class folders
+(`data=image_folder`); --test-root is one of the same kind. The splits are made here, once, exactly as that
+`data=` makes them (same keys, same seed, same sets), and each is written as a LitData set (`<output>/train`,
+`<output>/val`, `<output>/test`) of the original encoded images with their labels, in a seeded random order
+(LitData shuffles chunks and samples within them, so chunks must mix classes). Every image is decoded once: a
+folder's or list's files while indexing (data/images.py, in --workers processes), an insightface record in the
+packing worker that writes it; images that cannot be decoded are skipped and listed in `<output>/skipped.txt` (the
+count is printed). `<output>/arcface.json` records the format version, the sample counts, the class names (an
+insightface set's: its class ids as text) and the split; training checks it and the chunk files before it starts
+(data/sources/packed.py).
 
 The set is written into `<output>.partial-<pid>` and renamed to `<output>` at the end: a failed or interrupted run
 (SIGINT, SIGTERM) removes it, stops its worker processes and exits non-zero. An existing `<output>` is never
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -34,11 +41,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import Dataset
 from torchvision.io import read_file
 
 from arcface_lightning.core.checks import OneLineParser, first_line
 from arcface_lightning.data.datamodule import ImageDataModule
 from arcface_lightning.data.datasets import DataError
+from arcface_lightning.data.files import pixels
+from arcface_lightning.data.recordio import RecordFile, unpack
+from arcface_lightning.data.sources.insightface import RecordImages
 from arcface_lightning.data.sources.packed import FORMAT, SPLITS, VERSION
 from arcface_lightning.data.splits import is_size
 from arcface_lightning.data.tensors import targets, unwrap
@@ -146,7 +157,10 @@ def pack(
 
     for name, path in (("source", source), ("--test-root", test_root)):
         if path is not None and not path.exists():
-            raise DataError(f"{name}={path} does not exist; give a folder of class folders or a CSV list of path,label")
+            raise DataError(
+                f"{name}={path} does not exist; give a folder of class folders, a CSV list of path,label or an "
+                "insightface folder (train.rec, train.idx, property)"
+            )
     if out.exists():
         raise DataError(f"output={out} exists; give a new folder (a packed set is never overwritten)")
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
@@ -156,7 +170,7 @@ def pack(
         try:
             make_partial(out, partial)
             data = ImageDataModule(
-                dataset="image_list" if source.is_file() else "image_folder",
+                dataset=kind_of(source),
                 root=str(source),
                 test_root=str(test_root) if test_root else None,
                 num_classes=None,
@@ -171,12 +185,10 @@ def pack(
             skipped_file = partial / "skipped.txt"
             pools = {id(base): base for base in (unwrap(subset)[0] for subset in splits)}.values()
             with skipped_file.open("a") as listing:
-                listing.writelines(f"{path}\t{why}\n" for pool in pools for path, why in pool.skipped)
+                listing.writelines(f"{path}\t{why}\n" for pool in pools for path, why in getattr(pool, "skipped", ()))
             counts = {}
             for split, subset in zip(SPLITS, splits, strict=True):
-                base, indices = unwrap(subset)
-                labels, where = targets(subset).tolist(), str(partial)
-                rows = [(os.fsdecode(base.paths[i]), y, where) for i, y in zip(indices.tolist(), labels, strict=True)]
+                rows = rows_of(subset, str(partial))
                 random.Random(f"{split_seed}-{split}").shuffle(rows)
                 if rows:
                     try:
@@ -197,7 +209,7 @@ def pack(
                 "format": FORMAT,
                 "version": VERSION,
                 "samples": counts,
-                "classes": data.classes,
+                "classes": class_names(data),
                 "val_split": val_split,
                 "split": {"val_size": val_size, "test_size": test_size, "split_seed": split_seed},
                 "source": str(source),
@@ -217,17 +229,60 @@ def pack(
     return manifest
 
 
-def encoded_sample(row: tuple[str, int, str]) -> Iterator[dict[str, Any]]:
-    """One image file as a packed sample (it decoded when indexed); a file that cannot be read now goes to
-    skipped.txt (LitData workers run this in their own processes; one append per line)."""
-    path, label, partial = row
+def kind_of(source: Path) -> str:
+    """The `data.dataset` that reads `source`: a CSV list, an insightface folder, or a folder of class folders."""
+    if source.is_file():
+        return "image_list"
+    return "insightface" if any((source / name).is_file() for name in ("train.rec", "train.idx")) else "image_folder"
+
+
+def class_names(data: ImageDataModule) -> list[str]:
+    """The names of the classes the packed set's labels count: a folder's or list's (the data module keeps them),
+    else the source's (an insightface set's ids as text), of the training classes when by_class held some out."""
+    if data.classes is not None:
+        return list(data.classes)
+    names, chosen = data.source.classes, data.split.class_ids()
+    return [names[c] for c in chosen] if chosen is not None else list(names)
+
+
+def rows_of(subset: Dataset, partial: str) -> list[tuple[Any, int, str]]:
+    """(where the image is, label, the partial set's folder) per sample of a split: a file's path, or an insightface
+    record's (train.rec, offset, name)."""
+    base, indices = unwrap(subset)
+    labels = targets(subset).tolist()
+    if isinstance(base, RecordImages):
+        rec = str(base.file.path)
+        places = [(rec, int(base.offsets[i]), base.name(i)) for i in indices.tolist()]
+    else:
+        places = [os.fsdecode(base.paths[i]) for i in indices.tolist()]
+    return [(place, label, partial) for place, label in zip(places, labels, strict=True)]
+
+
+@functools.cache
+def record_file(path: str) -> RecordFile:
+    """One open train.rec per packing worker process (a handle per record would cost an open per image)."""
+    return RecordFile(Path(path))
+
+
+def encoded_sample(row: tuple[Any, int, str]) -> Iterator[dict[str, Any]]:
+    """One image as a packed sample, its encoded bytes as stored: a file (it decoded when indexed), or an
+    insightface record's image, decoded here once. An image that cannot be read or decoded now goes to skipped.txt
+    (LitData workers run this in their own processes; one append per line)."""
+    place, label, partial = row
+    name = place if isinstance(place, str) else place[2]
     try:
-        data = read_file(path)
-    except Exception as error:  # the OS's OSError, as torchvision.io raises it
+        if isinstance(place, str):
+            data = read_file(place).numpy().tobytes()
+        else:
+            rec, offset, _ = place
+            data = unpack(record_file(rec).record(offset))[1]
+            pixels(data, 3, name)
+    except Exception as error:  # the OS's OSError, as torchvision.io raises it; DataError for a record
+        why = first_line(error)
         with open(os.path.join(partial, "skipped.txt"), "a") as log:
-            log.write(f"{path}\tunreadable image {path}: {first_line(error)}\n")
+            log.write(f"{name}\t{why if why.startswith('unreadable image') else f'unreadable image {name}: {why}'}\n")
         return
-    yield {"image": data.numpy().tobytes(), "label": label}  # the bytes read once, as they are on disk
+    yield {"image": data, "label": label}
 
 
 def worker_error(error: RuntimeError) -> str:
@@ -303,7 +358,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("source", type=Path, help="a folder of class folders, or a CSV list of path,label rows")
+    parser.add_argument(
+        "source", type=Path, help="a folder of class folders, a CSV list of path,label rows, or an insightface folder"
+    )
     parser.add_argument("output", type=Path, help="the packed set's folder (must not exist)")
     parser.add_argument("--test-root", type=Path, help="a separate test folder or list (else a split is held out)")
     parser.add_argument("--val-size", type=size, default=0.05, help="images (by_class: classes), or a fraction")

@@ -35,17 +35,18 @@ LENGTH_BITS = 29
 FILES = ("train.rec", "train.idx", "property")
 
 
-def read_property(folder: Path) -> tuple[int, int, int]:
-    """(classes, height, width) from `property`, one line naming the problem otherwise."""
+def read_property(folder: Path, key: str = "data.root") -> tuple[int, int, int]:
+    """(classes, height, width) from `property`, one line naming the problem otherwise (`key`: the config key
+    that named the folder)."""
     path = folder / "property"
     parts = path.read_text().strip().split(",")
     if len(parts) != 3 or not all(part.strip().isdigit() for part in parts) or int(parts[0]) < 1:
-        raise DataError(f"data.root: {path} is invalid; allowed: one line `classes,height,width` of positive integers")
+        raise DataError(f"{key}: {path} is invalid; allowed: one line `classes,height,width` of positive integers")
     classes, height, width = (int(part) for part in parts)
     return classes, height, width
 
 
-def read_idx(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_idx(path: Path, key: str = "data.root") -> tuple[np.ndarray, np.ndarray]:
     """The keys and offsets of `train.idx`, in the file's order."""
     keys, offsets = [], []
     for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -53,7 +54,7 @@ def read_idx(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if not line.strip():
             continue
         if len(fields) != 2 or not fields[0].strip().isdigit() or not fields[1].strip().isdigit():
-            raise DataError(f"data.root: {path} line {number} is {line[:60]!r}; allowed: `key<TAB>offset`")
+            raise DataError(f"{key}: {path} line {number} is {line[:60]!r}; allowed: `key<TAB>offset`")
         keys.append(int(fields[0]))
         offsets.append(int(fields[1]))
     return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
@@ -62,13 +63,13 @@ def read_idx(path: Path) -> tuple[np.ndarray, np.ndarray]:
 class RecordFile:
     """`train.rec` opened for reading one record at a time (each loader worker opens its own handle)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path, key: str = "data.root") -> None:
+        self.path, self.key = Path(path), key
         self.size = self.path.stat().st_size
         self._file = None
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "size": self.size, "_file": None}  # a handle does not cross into workers
+        return {**self.__dict__, "_file": None}  # a handle does not cross into workers
 
     def record(self, offset: int) -> bytes:
         """The record whose first frame starts at `offset`, its parts joined as dmlc's reader joins them."""
@@ -79,17 +80,17 @@ class RecordFile:
             self._file.seek(position)
             head = self._file.read(FRAME.size)
             if len(head) < FRAME.size:
-                raise DataError(f"data.root: {self.path} ends inside the record at offset {offset} (truncated?)")
+                raise DataError(f"{self.key}: {self.path} ends inside the record at offset {offset} (truncated?)")
             magic, lrecord = FRAME.unpack(head)
             if magic != MAGIC:
                 raise DataError(
-                    f"data.root: {self.path} has {magic:#010x} at offset {position}; allowed: the RecordIO magic "
+                    f"{self.key}: {self.path} has {magic:#010x} at offset {position}; allowed: the RecordIO magic "
                     f"{MAGIC:#010x} (is train.idx the index of this train.rec?)"
                 )
             flag, length = lrecord >> LENGTH_BITS, lrecord & ((1 << LENGTH_BITS) - 1)
             data = self._file.read(length)
             if len(data) < length:
-                raise DataError(f"data.root: {self.path} ends inside the record at offset {offset} (truncated?)")
+                raise DataError(f"{self.key}: {self.path} ends inside the record at offset {offset} (truncated?)")
             parts.append(data)
             if flag in (0, 3):
                 return MAGIC.to_bytes(4, "little").join(parts)
@@ -123,18 +124,20 @@ class RecordIndex:
     classes: int
     height: int
     width: int
+    key: str = "data.root"  # the config key that named the folder, for the errors of reading it
 
     @classmethod
-    def read(cls, folder: str | Path) -> RecordIndex:
-        """Index the folder; every failure is one line naming the file and what is wrong, before any training."""
+    def read(cls, folder: str | Path, key: str = "data.root") -> RecordIndex:
+        """Index the folder; every failure is one line naming `key` (the config key that named the folder), the file
+        and what is wrong, before any training."""
         folder = Path(folder).expanduser()
         missing = [name for name in FILES if not (folder / name).is_file()]
         if missing:
-            raise DataError(f"data.root={folder} has no {', '.join(missing)}; allowed: insightface's train.rec, "
+            raise DataError(f"{key}={folder} has no {', '.join(missing)}; allowed: insightface's train.rec, "
                             "train.idx and property")  # fmt: skip
-        classes, height, width = read_property(folder)
-        keys, offsets = read_idx(folder / "train.idx")
-        rec = RecordFile(folder / "train.rec")
+        classes, height, width = read_property(folder, key)
+        keys, offsets = read_idx(folder / "train.idx", key)
+        rec = RecordFile(folder / "train.rec", key)
         where = dict(zip(keys.tolist(), range(len(keys)), strict=True))
         if 0 in where:  # insightface's header record: its labels bound the image keys
             labels, _ = unpack(rec.record(int(offsets[where[0]])))
@@ -143,20 +146,20 @@ class RecordIndex:
                 wanted = np.arange(1, first_identity)
                 absent = [int(k) for k in wanted if int(k) not in where]
                 if absent:
-                    raise DataError(f"data.root: {folder}/train.idx lacks image key {absent[0]} (record 0 says keys "
+                    raise DataError(f"{key}: {folder}/train.idx lacks image key {absent[0]} (record 0 says keys "
                                     f"1 … {first_identity - 1})")  # fmt: skip
                 rows = np.asarray([where[int(k)] for k in wanted], dtype=np.int64)
                 keys, offsets = keys[rows], offsets[rows]
         past = offsets + FRAME.size > rec.size
         if past.any():
-            raise DataError(f"data.root: {folder}/train.idx gives offset {int(offsets[past][0])} for key "
+            raise DataError(f"{key}: {folder}/train.idx gives offset {int(offsets[past][0])} for key "
                             f"{int(keys[past][0])}, past the end of train.rec ({rec.size} bytes)")  # fmt: skip
         labels = first_labels(rec, offsets)
         bad = (labels < 0) | (labels >= classes)
         if bad.any():
-            raise DataError(f"data.root: {folder} key {int(keys[bad][0])} has label {int(labels[bad][0])}; allowed: "
+            raise DataError(f"{key}: {folder} key {int(keys[bad][0])} has label {int(labels[bad][0])}; allowed: "
                             f"0 ≤ label < {classes} (property's classes)")  # fmt: skip
-        return cls(folder, keys, offsets, labels, classes, height, width)
+        return cls(folder, keys, offsets, labels, classes, height, width, key)
 
 
 def first_labels(rec: RecordFile, offsets: np.ndarray) -> np.ndarray:
@@ -172,7 +175,7 @@ def first_labels(rec: RecordFile, offsets: np.ndarray) -> np.ndarray:
     bad_magic = frames[:, 0] != MAGIC
     if bad_magic.any() or short.any():
         at = int(offsets[bad_magic | short][0])
-        raise DataError(f"data.root: {rec.path} has no record at offset {at} (bad magic or truncated)")
+        raise DataError(f"{rec.key}: {rec.path} has no record at offset {at} (bad magic or truncated)")
     whole = (frames[:, 1] >> LENGTH_BITS) == 0
     head = raw[:, FRAME.size :]
     flag = head[:, :4].copy().view("<u4")[:, 0]

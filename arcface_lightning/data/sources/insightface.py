@@ -2,9 +2,14 @@
 `train.rec`, `train.idx` and `property`, read without MXNet (data/recordio.py). Only the index (keys, offsets,
 labels) stays in memory; each image's bytes are read and decoded in the loader's workers (JPEG or PNG,
 data/files.decode) into the same uint8 (C, H, W) samples as every other source. Class names are the ids as text:
-the sets carry none. `property`'s class count bounds the labels (checked when the folder is indexed)."""
+the sets carry none. `property`'s class count bounds the labels (checked when the folder is indexed).
+
+`data.test_root=<folder>` names a second folder of the same layout as the test set (else a split is held out):
+by_sample, its labels are the training folder's class ids (a closed set); by_class, its identities are its own."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
@@ -19,7 +24,7 @@ class RecordImages(Dataset):
     `target_transform` as torchvision's datasets have them (datasets.py selects and relabels classes through them)."""
 
     def __init__(self, index: RecordIndex, in_channels: int, image_size: int) -> None:
-        self.file = RecordFile(index.folder / "train.rec")  # each worker opens its own handle (RecordFile pickles)
+        self.file = RecordFile(index.folder / "train.rec", index.key)  # each worker opens its own (it pickles)
         self.keys, self.offsets = index.keys, index.offsets
         self.targets = torch.as_tensor(index.labels, dtype=torch.long)
         self.classes = [str(c) for c in range(index.classes)]
@@ -29,18 +34,31 @@ class RecordImages(Dataset):
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def encoded(self, i: int) -> bytes:
+        """The i-th image's bytes as stored (JPEG or PNG)."""
+        return unpack(self.file.record(int(self.offsets[i])))[1]
+
+    def name(self, i: int) -> str:
+        return f"{self.file.path} key {int(self.keys[i])}"
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        _, data = unpack(self.file.record(int(self.offsets[i])))
-        name = f"{self.file.path} key {int(self.keys[i])}"
-        image = torch.from_numpy(decode(data, self.in_channels, self.image_size, name))
+        image = torch.from_numpy(decode(self.encoded(i), self.in_channels, self.image_size, self.name(i)))
         label = int(self.targets[i])
         return image, self.target_transform(label) if self.target_transform is not None else label
 
 
 class InsightFaceRecord(Source):
-    """The folder at data.root; no test set of its own (the split holds one out, or use a .bin for verification)."""
+    """The folder at data.root, and optionally a test folder at data.test_root."""
 
     root_is = "a folder with insightface's train.rec, train.idx and property"
+
+    @property
+    def has_test_set(self) -> bool:
+        return self.settings.test_root is not None
+
+    @property
+    def separate_test_identities(self) -> bool:
+        return self.has_test_set  # by_class: the test folder's people are not the training folder's
 
     @property
     def in_memory(self) -> bool:
@@ -48,4 +66,5 @@ class InsightFaceRecord(Source):
 
     def load(self, train: bool) -> Dataset:
         hp = self.settings
-        return RecordImages(RecordIndex.read(self.folder), hp.in_channels, hp.image_size)
+        folder, key = (self.folder, "data.root") if train else (Path(hp.test_root).expanduser(), "data.test_root")
+        return RecordImages(RecordIndex.read(folder, key), hp.in_channels, hp.image_size)
