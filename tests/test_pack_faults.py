@@ -43,12 +43,13 @@ def bad_arguments(tmp_path: Path, source: Path) -> dict[str, tuple[list[str], st
         ),
         "missing source": (
             [f"{tmp_path}/nope", out],
-            f"error: source={tmp_path}/nope does not exist; give a folder of class folders or a CSV list of path,label",
+            f"error: source={tmp_path}/nope does not exist; give a folder of class folders, a CSV list of path,label "
+            "or an insightface folder (train.rec, train.idx, property)",
         ),
         "missing test root": (
             [str(source), out, "--test-root", f"{tmp_path}/nope"],
-            f"error: --test-root={tmp_path}/nope does not exist; give a folder of class folders or a CSV list of "
-            "path,label",
+            f"error: --test-root={tmp_path}/nope does not exist; give a folder of class folders, a CSV list of "
+            "path,label or an insightface folder (train.rec, train.idx, property)",
         ),
         "source with no class folders": (
             [str(tmp_path / "existing"), out],

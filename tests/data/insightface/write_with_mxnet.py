@@ -13,14 +13,26 @@ Folders written (a few dozen 28×28 digits each):
   writer splits that record into several frames.
 - mnist_pairs.bin: insightface's verification format, a pickle of (encoded images, same/different flags), pairs
   consecutive.
+
+With --mnist it writes instead all of MNIST as two insightface folders OUTSIDE the repository (real data for
+tests/test_real_data.py-style runs and benchmarks/recordio_read.py, never committed):
+
+    /work/mxvenv/bin/python tests/data/insightface/write_with_mxnet.py <MNIST raw folder> /tmp/mnist_rec --mnist
+
+- <out>/train: the 60,000 training digits in MNIST's order (keys 1 … 60,000, so data=insightface draws the same
+  validation split as data=mnist), record 0 the header whose labels (60,001, 60,001) bound them (no identity
+  records: MNIST's classes are not contiguous); JPEG quality 95; property `10,28,28`.
+- <out>/test: the 10,000 test digits the same way (data.test_root=<out>/test: data=mnist's test set).
+--limit N keeps the first N of each split; --repeat K writes the (limited) training digits K times over (keys
+continue; benchmarks' memory check at K× the set size).
 """
 
+import argparse
 import hashlib
 import io
 import json
 import pickle
 import struct
-import sys
 from pathlib import Path
 
 import mxnet as mx
@@ -131,5 +143,31 @@ def main(raw: Path, out: Path) -> None:
     (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
 
 
+def write_mnist(raw: Path, out: Path, limit: int | None, repeat: int) -> None:
+    """All of MNIST (or its first `limit` digits per split) as insightface folders train/ and test/."""
+    if out.exists():
+        raise SystemExit(f"{out} exists; give a new folder")
+    for split, folder, times in (("train", "train", repeat), ("t10k", "test", 1)):
+        images, labels = mnist(raw, split)
+        images, labels = images[:limit], labels[:limit]
+        n = len(images) * times
+        records = [(0, mx.recordio.IRHeader(2, [float(n + 1), float(n + 1)], 0, 0), b"")]
+        for key in range(1, n + 1):
+            image, label = images[(key - 1) % len(images)], labels[(key - 1) % len(images)]
+            records.append((key, mx.recordio.IRHeader(0, float(label), key, 0), encode(image, "jpeg")))
+        write(out / folder, records, classes=10)
+        print(f"{out / folder}: {n} digits, JPEG quality 95, written by mxnet {mx.__version__}")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("raw", type=Path, help="MNIST's raw folder (the idx files)")
+    parser.add_argument("out", type=Path, help="where to write")
+    parser.add_argument("--mnist", action="store_true", help="all of MNIST as train/ and test/ insightface folders")
+    parser.add_argument("--limit", type=int, default=None, help="--mnist: the first N digits of each split")
+    parser.add_argument("--repeat", type=int, default=1, help="--mnist: the training digits K times over")
+    args = parser.parse_args()
+    if args.mnist:
+        write_mnist(args.raw, args.out, args.limit, args.repeat)
+    else:
+        main(args.raw, args.out)
