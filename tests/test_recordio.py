@@ -150,3 +150,31 @@ def test_png_records_decode_to_the_real_mnist_digits_mxnet_was_given() -> None:
     for i in range(1, 30, 2):  # keys 2, 4, …: the PNG records (odd keys are JPEG, lossy)
         image, label = dataset[i]
         assert np.array_equal(image[0].numpy(), mnist[order[i]]) and label == labels[order[i]], i
+
+
+def test_records_longer_than_one_read_are_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-ahead shorter than every record: each one takes the second read, and still comes back as MXNet's."""
+    from arcface_lightning.data import recordio
+
+    monkeypatch.setattr(recordio, "READ_AHEAD", 16)
+    index = RecordIndex.read(FIXTURES / "plain")
+    rec = RecordFile(FIXTURES / "plain" / "train.rec")
+    by_key = {item["key"]: item["sha256"] for item in EXPECTED["plain"]}
+    for key, offset in zip(index.keys.tolist(), index.offsets.tolist(), strict=True):
+        assert hashlib.sha256(unpack(rec.record(offset))[1]).hexdigest() == by_key[key], key
+
+
+def test_an_image_that_does_not_decode_is_named_by_its_record(tmp_path: Path) -> None:
+    from arcface_lightning.data.recordio import FRAME, HEADER
+    from arcface_lightning.data.sources.insightface import RecordImages
+
+    folder = copy_of("plain", tmp_path)
+    offsets = dict(line.split("\t") for line in (folder / "train.idx").read_text().splitlines())
+    data = bytearray((folder / "train.rec").read_bytes())
+    start = int(offsets["5"]) + FRAME.size + HEADER.size + 8  # past the frame, the image header, PNG's signature
+    data[start : start + 64] = bytes(64)
+    (folder / "train.rec").write_bytes(bytes(data))
+    dataset = RecordImages(RecordIndex.read(folder), in_channels=1, image_size=28)
+    assert dataset[4][1] == EXPECTED["plain"][4]["labels"][0]
+    with pytest.raises(DataError, match=rf"^unreadable image {folder / 'train.rec'} key 5: "):
+        dataset[5]

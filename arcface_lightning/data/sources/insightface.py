@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from arcface_lightning.core.checks import DataError
 from arcface_lightning.data.files import decode
 from arcface_lightning.data.recordio import RecordFile, RecordIndex, unpack
 from arcface_lightning.data.sources.base import Source
@@ -42,7 +43,12 @@ class RecordImages(Dataset):
         return f"{self.file.path} key {int(self.keys[i])}"
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(decode(self.encoded(i), self.in_channels, self.image_size, self.name(i)))
+        data = self.encoded(i)
+        try:
+            pixels = decode(data, self.in_channels, self.image_size, "")
+        except DataError:  # decoded again to name the record: its name is not built for every sample
+            pixels = decode(data, self.in_channels, self.image_size, self.name(i))
+        image = torch.from_numpy(pixels)
         label = int(self.targets[i])
         return image, self.target_transform(label) if self.target_transform is not None else label
 
