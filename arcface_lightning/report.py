@@ -283,7 +283,8 @@ def sweep_grid(config: DictConfig) -> dict[str, list[Any]] | None:
     folders will hold them; None for other sweepers (Optuna's points are not known before it runs)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if not str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+    if not sweeper.endswith(("BasicSweeper", "ResumingSweeper")):  # ResumingSweeper: the grid sweeper, resumable
         return None
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
     texts = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)

@@ -204,7 +204,7 @@ def test_unknown_configs_are_refused_in_one_line(override: str, message: str) ->
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("head.nope=3", "error: head.nope: no such key; head has: embedding_size, num_classes, s, m, sharded, sample_"),
+        ("head.nope=3", "error: head.nope: no such key; head has: embedding_size, num_classes, s, m, margin_warmup_"),
         ("backbone=resnet18 backbone.channels=[1]", "error: backbone.channels: no such key; backbone has: embedding_s"),
     ],
 )

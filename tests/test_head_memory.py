@@ -63,7 +63,15 @@ def test_training_logs_the_heads_memory_and_refuses_one_too_large_before_any_wor
     assert "GiB per process (weights 0.00, gradients 0.00" in line and "this process can have" in line
     cfg = make_cfg("head.num_classes=100000000", "head.embedding_size=512")  # 100M × 512: 763 GiB of weights
     built = []
-    monkeypatch.setattr(train, "instantiate", lambda *a, **k: built.append(a) or pytest.fail("the model was built"))
+    real_instantiate = train.instantiate  # also builds the optimizer's stand-in, before the memory check
+
+    def model_not_built(config, *args, **kwargs):
+        if str(config.get("_target_", "")).endswith("ArcFaceModule"):
+            built.append(config)
+            pytest.fail("the model was built")
+        return real_instantiate(config, *args, **kwargs)
+
+    monkeypatch.setattr(train, "instantiate", model_not_built)
     too_large = (r"^head: its weights, gradients and optimiser state take \d+\.\d\d GiB per process \(all "
                  r"100,000,000 classes × 512\), more than the [\d.]+ GiB this process can have; allowed: fewer "
                  r"classes, head\.sample_rate < 1")  # fmt: skip
