@@ -123,7 +123,9 @@ def test_resume_auto_on_a_finished_run_does_nothing(tmp_path: Path, mnist_root: 
     assert "finished already" in (run_dir / "train.log").read_text()
 
 
-def test_slurm_requeue_signal_saves_a_checkpoint_the_requeued_job_continues_from(tmp_path: Path) -> None:
+def test_slurm_requeue_signal_saves_a_checkpoint_the_requeued_job_continues_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Lightning's SLURM environment (auto-requeue on SIGUSR1, which conf/hydra/launcher/submitit_slurm.yaml asks
     SLURM to send before the time limit) on a faked SLURM job: the signal saves hpc_ckpt_1.ckpt and calls
     `scontrol requeue <job id>`; the requeued job, started with resume=auto, continues from that checkpoint."""
@@ -154,7 +156,9 @@ def test_slurm_requeue_signal_saves_a_checkpoint_the_requeued_job_continues_from
     saved = torch.load(hpc, weights_only=True)
     assert saved["global_step"] > 0 and not (run_dir / "metrics.json").exists()
 
-    requeued = subprocess.run(**command, capture_output=True, text=True, timeout=300)
+    for key, value in slurm.items():  # the requeued job: the same command, in this process (no new interpreter)
+        monkeypatch.setenv(key, value)
+    requeued = cli("train", *command["args"][3:])
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert f"resume=auto: continuing from {hpc}" in (run_dir / "train.log").read_text()
     record = json.loads((run_dir / "metrics.json").read_text())

@@ -1,0 +1,59 @@
+"""Does a margin warm-up rescue ArcFace where it stalls? The full ArcFace head (s = 30, m = 0.5) on the 1,000
+synthetic identities of benchmarks/partial_fc_accuracy.py, where it stalled for two of three seeds, trained with
+head.margin_warmup_epochs 0 and 1, interleaved per seed. (MNIST's 10 classes never stall: BENCHMARKS.md.)
+
+    python benchmarks/margin_warmup.py --seeds 0 1 2 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from partial_fc_accuracy import ROOT, write_set
+
+
+def train(train_list: Path, test_list: Path, warmup: int, seed: int, epochs: int, out: Path) -> dict:
+    args = [
+        sys.executable, "-m", "arcface_lightning.train", "experiment=seed_mnist", "data=image_list",
+        f"data.root={train_list}", f"data.test_root={test_list}", "data.cache=memory", "data.in_channels=1",
+        "data.image_size=28", "data.val_size=0.1", "data.normalize=false", f"head.margin_warmup_epochs={warmup}",
+        f"trainer.max_epochs={epochs}", f"seed={seed}", "logger=csv", "evaluation.figures=false",
+        "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    return json.loads((out / "metrics.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        train_list, test_list = write_set(Path(tmp) / "set")
+        table: dict[int, list[dict]] = {0: [], 1: []}
+        for seed in args.seeds:
+            for warmup in table:
+                record = train(train_list, test_list, warmup, seed, args.epochs, Path(tmp) / f"run_{warmup}_{seed}")
+                table[warmup].append(record)
+                print(f"warm-up {warmup} seed {seed}: test/acc {record['test/acc']:.4f}", flush=True)
+    print(f"\n| head.margin_warmup_epochs | test/acc per seed {args.seeds} | mean ± std | val/acc_best per seed |")
+    print("|---|---|---|---|")
+    for warmup, records in table.items():
+        accs = [r["test/acc"] for r in records]
+        std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        vals = ", ".join(f"{r['val/acc_best']:.4f}" for r in records)
+        shown = ", ".join(f"{a:.4f}" for a in accs)
+        print(f"| {warmup} | {shown} | {statistics.mean(accs):.4f} ± {std:.4f} | {vals} |")
+
+
+if __name__ == "__main__":
+    main()
