@@ -1,8 +1,11 @@
 """Does a margin warm-up rescue ArcFace where it stalls? The full ArcFace head (s = 30, m = 0.5) on the 1,000
 synthetic identities of benchmarks/partial_fc_accuracy.py, where it stalled for two of three seeds, trained with
-head.margin_warmup_epochs 0 and 1, interleaved per seed. (MNIST's 10 classes never stall: BENCHMARKS.md.)
+head.margin_warmup_epochs 0 and 1, interleaved per seed. (MNIST's 10 classes never stall: BENCHMARKS.md.) With
+--digits DATA_ROOT the 1,000 identities are real MNIST digits instead (the first 1,000 training images, each an
+identity seen through shifted windows with noise).
 
     python benchmarks/margin_warmup.py --seeds 0 1 2 --epochs 3
+    python benchmarks/margin_warmup.py --seeds 0 1 2 --epochs 3 --digits /work/shared/data
 """
 
 from __future__ import annotations
@@ -15,7 +18,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from partial_fc_accuracy import ROOT, write_set
+import torch
+import torch.nn.functional as F
+from partial_fc_accuracy import CLASSES, ROOT, write_set
+from torchvision.datasets import MNIST
+
+
+def digit_patterns(data_root: str) -> torch.Tensor:
+    """The first CLASSES MNIST training digits, padded by 2 pixels and standardised: one identity each."""
+    digits = MNIST(data_root, train=True, download=False).data[:CLASSES, None].float()
+    digits = F.pad(digits, (2, 2, 2, 2))
+    return (digits - digits.mean((2, 3), keepdim=True)) / digits.std((2, 3), keepdim=True)
 
 
 def train(train_list: Path, test_list: Path, warmup: int, seed: int, epochs: int, out: Path) -> dict:
@@ -36,9 +49,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--digits", metavar="DATA_ROOT", help="real MNIST digits as the identities (torchvision root)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        train_list, test_list = write_set(Path(tmp) / "set")
+        patterns = digit_patterns(args.digits) if args.digits else None
+        train_list, test_list = write_set(Path(tmp) / "set", patterns=patterns)
         table: dict[int, list[dict]] = {0: [], 1: []}
         for seed in args.seeds:
             for warmup in table:

@@ -29,10 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES, TRAIN, TEST, SIDE = 1000, 50, 10, 28
 
 
-def write_set(folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    """train.csv and test.csv of PNG files under `folder`."""
+def write_set(folder: Path, seed: int = 0, patterns: torch.Tensor | None = None) -> tuple[Path, Path]:
+    """train.csv and test.csv of PNG files under `folder`: CLASSES identities, each a (1, SIDE + 4, SIDE + 4) pattern
+    (random and blurred unless `patterns` are given) seen through shifted windows with noise."""
     g = torch.Generator().manual_seed(seed)
-    patterns = F.avg_pool2d(torch.rand(CLASSES, 1, SIDE + 4, SIDE + 4, generator=g), 3, 1, 1)
+    if patterns is None:
+        patterns = F.avg_pool2d(torch.rand(CLASSES, 1, SIDE + 4, SIDE + 4, generator=g), 3, 1, 1)
     patterns = (patterns - patterns.mean((2, 3), keepdim=True)) / patterns.std((2, 3), keepdim=True)
     lists = {}
     for split, count in (("train", TRAIN), ("test", TEST)):
