@@ -11,16 +11,13 @@ identity seen through shifted windows with noise).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from partial_fc_accuracy import CLASSES, ROOT, write_set
+from partial_fc_accuracy import CLASSES, train, write_set
 from torchvision.datasets import MNIST
 
 
@@ -29,20 +26,6 @@ def digit_patterns(data_root: str) -> torch.Tensor:
     digits = MNIST(data_root, train=True, download=False).data[:CLASSES, None].float()
     digits = F.pad(digits, (2, 2, 2, 2))
     return (digits - digits.mean((2, 3), keepdim=True)) / digits.std((2, 3), keepdim=True)
-
-
-def train(train_list: Path, test_list: Path, warmup: int, seed: int, epochs: int, out: Path) -> dict:
-    args = [
-        sys.executable, "-m", "arcface_lightning.train", "experiment=seed_mnist", "data=image_list",
-        f"data.root={train_list}", f"data.test_root={test_list}", "data.cache=memory", "data.in_channels=1",
-        "data.image_size=28", "data.val_size=0.1", "data.normalize=false", f"head.margin_warmup_epochs={warmup}",
-        f"trainer.max_epochs={epochs}", f"seed={seed}", "logger=csv", "evaluation.figures=false",
-        "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={out}",
-    ]  # fmt: skip
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(result.stderr[-3000:])
-    return json.loads((out / "metrics.json").read_text())
 
 
 def main() -> None:
@@ -57,7 +40,10 @@ def main() -> None:
         table: dict[int, list[dict]] = {0: [], 1: []}
         for seed in args.seeds:
             for warmup in table:
-                record = train(train_list, test_list, warmup, seed, args.epochs, Path(tmp) / f"run_{warmup}_{seed}")
+                out = Path(tmp) / f"run_{warmup}_{seed}"  # the full head (rate 1.0)
+                record = train(
+                    train_list, test_list, 1.0, seed, args.epochs, out, f"head.margin_warmup_epochs={warmup}"
+                )
                 table[warmup].append(record)
                 print(f"warm-up {warmup} seed {seed}: test/acc {record['test/acc']:.4f}", flush=True)
     print(f"\n| head.margin_warmup_epochs | test/acc per seed {args.seeds} | mean ± std | val/acc_best per seed |")

@@ -53,13 +53,14 @@ def write_set(folder: Path, seed: int = 0, patterns: torch.Tensor | None = None)
     return lists["train"], lists["test"]
 
 
-def train(train_list: Path, test_list: Path, rate: float, seed: int, epochs: int, out: Path) -> dict:
+def train(train_list: Path, test_list: Path, rate: float, seed: int, epochs: int, out: Path, *extra: str) -> dict:
+    """The seed recipe on the set at head.sample_rate `rate`, with `extra` overrides; its metrics.json."""
     args = [
         sys.executable, "-m", "arcface_lightning.train", "experiment=seed_mnist", "data=image_list",
         f"data.root={train_list}", f"data.test_root={test_list}", "data.cache=memory", "data.in_channels=1",
         "data.image_size=28", "data.val_size=0.1", "data.normalize=false", f"head.sample_rate={rate}",
         f"trainer.max_epochs={epochs}", f"seed={seed}", "logger=csv", "evaluation.figures=false",
-        "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={out}",
+        "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={out}", *extra,
     ]  # fmt: skip
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:

@@ -81,3 +81,24 @@ class Source:
         """A training loader of its own (shuffled by `seed`); None: the data module's seeded sampler over the
         training split."""
         return None
+
+
+class UserFolder(Source):
+    """A user's files at data.root, with an optional test set at data.test_root (its identities its own under
+    by_class), decoded once into memory with data.cache=memory or in the loader's workers at every epoch."""
+
+    @property
+    def has_test_set(self) -> bool:
+        return self.settings.test_root is not None
+
+    @property
+    def separate_test_identities(self) -> bool:
+        return self.has_test_set  # by_class: the test folder's people are not the training folder's
+
+    @property
+    def in_memory(self) -> bool:
+        return self.settings.cache == "memory"
+
+    def where(self, train: bool) -> tuple[Path, str]:
+        """The folder of the training pool or of the test set, and the key that names it in an error."""
+        return (self.folder, "data.root") if train else (Path(self.settings.test_root).expanduser(), "data.test_root")

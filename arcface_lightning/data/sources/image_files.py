@@ -5,36 +5,22 @@ sorted class names, which the data module keeps (classes.json, checkpoints)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch.utils.data import Dataset
 
 from arcface_lightning.data import images
-from arcface_lightning.data.sources.base import Source
+from arcface_lightning.data.sources.base import UserFolder
 
 
-class ImageFiles(Source):
+class ImageFiles(UserFolder):
     """The files at data.root (and data.test_root), indexed by the `data.dataset` named (files.SOURCES)."""
 
     keeps_class_names = True
-
-    @property
-    def has_test_set(self) -> bool:
-        return self.settings.test_root is not None
-
-    @property
-    def separate_test_identities(self) -> bool:
-        return self.has_test_set  # by_class: the test folder's people are not the training folder's
-
-    @property
-    def in_memory(self) -> bool:
-        return self.settings.cache == "memory"  # none: decoded in the loader's workers at every epoch
 
     def load(self, train: bool) -> Dataset:
         """by_sample: the test set's classes get the training pool's ids, matched by name (a closed set); by_class:
         its own (identities never trained on)."""
         hp = self.settings
-        where, key = (self.folder, "data.root") if train else (Path(hp.test_root).expanduser(), "data.test_root")
+        where, key = self.where(train)
         closed_set = not train and hp.val_split == "by_sample"
         named = self.pool(train=True).classes if closed_set else None
         return images.load(hp.dataset, where, key, hp.in_channels, hp.image_size, named, hp.num_workers)

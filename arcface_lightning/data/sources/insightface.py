@@ -9,15 +9,13 @@ by_sample, its labels are the training folder's class ids (a closed set); by_cla
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch.utils.data import Dataset
 
 from arcface_lightning.core.checks import DataError
 from arcface_lightning.data.files import decode
 from arcface_lightning.data.recordio import RecordFile, RecordIndex, unpack
-from arcface_lightning.data.sources.base import Source
+from arcface_lightning.data.sources.base import UserFolder
 
 
 class RecordImages(Dataset):
@@ -53,24 +51,12 @@ class RecordImages(Dataset):
         return image, self.target_transform(label) if self.target_transform is not None else label
 
 
-class InsightFaceRecord(Source):
+class InsightFaceRecord(UserFolder):
     """The folder at data.root, and optionally a test folder at data.test_root."""
 
     root_is = "a folder with insightface's train.rec, train.idx and property"
 
-    @property
-    def has_test_set(self) -> bool:
-        return self.settings.test_root is not None
-
-    @property
-    def separate_test_identities(self) -> bool:
-        return self.has_test_set  # by_class: the test folder's people are not the training folder's
-
-    @property
-    def in_memory(self) -> bool:
-        return self.settings.cache == "memory"  # none: decoded in the loader's workers at every epoch
-
     def load(self, train: bool) -> Dataset:
         hp = self.settings
-        folder, key = (self.folder, "data.root") if train else (Path(hp.test_root).expanduser(), "data.test_root")
+        folder, key = self.where(train)
         return RecordImages(RecordIndex.read(folder, key), hp.in_channels, hp.image_size)
