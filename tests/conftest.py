@@ -16,6 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from forked import run_forked
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from torchvision import datasets
@@ -214,9 +216,10 @@ def cli_command(module: str, *overrides: str) -> dict:
 
 
 def cli_process(module: str, *overrides: str) -> subprocess.CompletedProcess:
-    """A real `python -m arcface_lightning.<module> ...`: for what needs processes of its own (DDP ranks, signals,
-    launchers that start processes). Each pays the interpreter's start and the imports again."""
-    return subprocess.run(**cli_command(module, *overrides), capture_output=True, text=True, timeout=300)
+    """The command in a process of its own, forked from this one (tests/forked.py): for DDP's other ranks and
+    launchers that start processes. `cli_command` where a test needs a new interpreter."""
+    with tempfile.TemporaryDirectory() as logs:
+        return run_forked(module, list(overrides), Path(logs))
 
 
 @dataclass

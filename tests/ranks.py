@@ -1,12 +1,21 @@
-"""What the tests' gloo ranks (torch.multiprocessing.spawn) share; no Lightning import, so ranks start fast."""
+"""What the tests' gloo ranks share: forked from the test's process, a port, joining the group and leaving it."""
 
 from __future__ import annotations
 
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 import torch
+
+
+def start_ranks(rank_fn: Callable[..., None], args: tuple, nprocs: int) -> None:
+    """`rank_fn(rank, *args)` in `nprocs` processes; returns when all have passed, raises what one raised. Forked,
+    not spawned: a forked rank starts with the imports already done (a spawned one pays the interpreter's start and
+    torch's import again, most of such a test's time). Safe here: the worker runs torch on one thread (conftest)
+    and no rank touches a GPU."""
+    torch.multiprocessing.start_processes(rank_fn, args=args, nprocs=nprocs, start_method="fork")
 
 
 def free_port() -> int:

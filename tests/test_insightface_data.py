@@ -4,14 +4,15 @@ own, single-process splits."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from insightface_ranks import FIXTURES, digest, train_one_rank
-from ranks import free_port
+from ranks import free_port, join, leave, start_ranks
 from torch.utils.data import Dataset
 
 from arcface_lightning.data import DataError, ImageDataModule
@@ -19,6 +20,29 @@ from arcface_lightning.data.recordio import FRAME, HEADER
 from arcface_lightning.data.streaming import StreamingDataModule
 from arcface_lightning.pack import pack
 from conftest import cli
+
+FIXTURES = Path(__file__).parent / "data" / "insightface"
+
+
+def digest(image: torch.Tensor) -> str:
+    return hashlib.sha1(image.numpy().tobytes()).hexdigest()
+
+
+def train_one_rank(rank: int, world: int, port: int, results: str) -> None:
+    """One DDP rank (gloo): data=insightface's training loader for two epochs."""
+    join(port, rank, world)
+    dm = ImageDataModule(dataset="insightface", root=str(FIXTURES / "header"), val_size=4, test_size=4, batch_size=4,
+                         num_workers=0, shuffle_seed=3, in_channels=1, image_size=28, num_classes=None)  # fmt: skip
+    world_now, rank_now = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    dm.trainer = SimpleNamespace(world_size=world_now, global_rank=rank_now)  # what Lightning's DDP trainer gives
+    dm.setup("fit")
+    loader, epochs = dm.train_dataloader(), []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)  # as Lightning does before every epoch
+        epochs.append([[(digest(x), int(y)) for x, y in zip(*batch, strict=True)] for batch in loader])
+    Path(results, f"{rank}.json").write_text(json.dumps(epochs))
+    leave()
+
 
 SHAPE = {"in_channels": 1, "image_size": 28, "num_classes": None}
 
@@ -110,7 +134,7 @@ def test_ddp_ranks_read_disjoint_shards_that_cover_the_training_split(tmp_path: 
     single.setup("fit")
     whole = sorted((digest(x), int(y)) for x, y in (single.train_set[i] for i in range(len(single.train_set))))
     assert len(whole) == len(set(whole)) == 22
-    torch.multiprocessing.spawn(train_one_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    start_ranks(train_one_rank, (2, free_port(), str(tmp_path)), 2)
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
     for epoch in range(2):
         shards = [[tuple(sample) for batch in rank[epoch] for sample in batch] for rank in ranks]

@@ -20,14 +20,13 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from ranks import free_port, join, leave
+from forked import Forked, fork_command
+from ranks import free_port, join, leave, start_ranks
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -194,7 +193,7 @@ def train_with_a_backbone(rank: int, world: int, steps: int = 10) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_head_equals_the_single_process_head(world: int) -> None:
     port = free_port()
-    torch.multiprocessing.spawn(one_rank, args=(world, port), nprocs=world)
+    start_ranks(one_rank, (world, port), world)
 
 
 HEAD = {"_target_": "arcface_lightning.models.heads.CosFaceHead", "embedding_size": E, "num_classes": C, "s": 8.0}
@@ -209,7 +208,7 @@ def test_centres_that_may_be_sharded_are_made_at_shard_with_the_full_heads_value
     """build_head as a training builds it: with sharded=true no C × E tensor exists before shard(), the generator
     draws what the full init draws, and one process's shard() makes the full head's matrix bit for bit. Every other
     head (sharded=false, auto below AUTO_SHARD_CLASSES) is built in full, as before."""
-    from arcface_lightning.training.module import build_head  # Lightning: not in the spawned ranks
+    from arcface_lightning.training.module import build_head
 
     monkeypatch.setattr(distributed, "ROW_BLOCK_ELEMENTS", 3 * E)
     torch.manual_seed(7)
@@ -307,15 +306,13 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
     and on 3 ranks and its metrics go on. (scheduler=cosine: OneCycle's step count is fixed by the first run's
     world size.)"""
     from arcface_lightning.core.runs import run
-    from arcface_lightning.evaluate import evaluate  # here: the spawned ranks above import this file without Lightning
+    from arcface_lightning.evaluate import evaluate
     from arcface_lightning.train import train
-    from conftest import TINY, cli_command, compose_config, tiny_config
+    from conftest import TINY, compose_config, tiny_config
 
-    def started(name: str, *overrides: str) -> tuple[subprocess.Popen, Path]:
-        """cli_process, started: stderr to a file (a pipe left unread could fill and stall it); the caller waits."""
-        log = tmp_path / f"{name}.stderr"
-        with open(log, "w") as stderr:
-            return subprocess.Popen(**cli_command("train", *overrides), stdout=subprocess.DEVNULL, stderr=stderr), log
+    def started(*overrides: str) -> Forked:
+        """The train command in a process of its own (DDP: it starts the other ranks); the caller waits."""
+        return fork_command("train", list(overrides), tmp_path / "logs")
 
     first = tmp_path / "two"
     common = [f"paths.data_dir={mnist_root}", *TINY, *SHARDED, "logger=csv"]
@@ -324,12 +321,12 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
                       "+callbacks.first_step.every_n_train_steps=1", "+callbacks.first_step.save_top_k=1",
                       "+callbacks.first_step.monitor=step", "+callbacks.first_step.mode=min"]  # fmt: skip
     # the 2-rank sharded run and the 2-rank plain step below are independent: both start now, side by side
-    sharded_run = started("sharded", f"hydra.run.dir={first}", *common, "trainer=ddp_cpu", *after_one_step)
+    sharded_run = started(f"hydra.run.dir={first}", *common, "trainer=ddp_cpu", *after_one_step)
     one_step = ["trainer.max_steps=1", "trainer.limit_val_batches=0", "trainer.limit_test_batches=0"]
-    plain_run = started("plain", f"hydra.run.dir={tmp_path / 'plain'}", *common, "head.sharded=false",
+    plain_run = started(f"hydra.run.dir={tmp_path / 'plain'}", *common, "head.sharded=false",
                         "head.sample_rate=1.0", "trainer=ddp_cpu", *one_step)  # fmt: skip
-    for process, log in (sharded_run, plain_run):
-        assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    for process in (sharded_run, plain_run):
+        assert process.wait() == 0, process.output()[1][-3000:]
     # One step of the same run with the plain head (DDP replicating the centres and their momentum) leaves the same
     # weights and momentum: sharding changes where the numbers are computed, not what they are (a global batch of
     # 16 samples all 10 rows). One step: over a whole epoch float rounding alone grows chaotically (a change of the
@@ -355,7 +352,7 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
     assert saved["head.weight"].shape == saved["head.state_momentum_buffer"].shape == (10, 16)
     three = tmp_path / "three"  # resumed on 3 ranks, in its own processes while this one evaluates and resumes
     shutil.copytree(first, three)
-    three_ranks = started("three", f"hydra.run.dir={three}", *common, "trainer=ddp_cpu", "trainer.devices=3",
+    three_ranks = started(f"hydra.run.dir={three}", *common, "trainer=ddp_cpu", "trainer.devices=3",
                           "trainer.max_epochs=2", "ckpt_path=last")  # fmt: skip
     where = [f"paths.data_dir={mnist_root}", "data.download=false", "trainer=cpu", "logger=csv"]
     cfg = compose_config(f"ckpt_path={record['best_checkpoint']}", *where, config_name="eval")
@@ -378,7 +375,7 @@ def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ra
             "ckpt_path=last",
         ),
     )
-    assert three_ranks[0].wait(timeout=300) == 0, three_ranks[1].read_text()[-3000:]
+    assert three_ranks.wait() == 0, three_ranks.output()[1][-3000:]
     for continued in (resumed, json.loads((three / "metrics.json").read_text())):
         assert continued["status"] == "ok" and continued["epochs"] == 2, continued
         assert continued["val/acc_best"] >= record["val/acc_best"] and continued["test/acc"] > 0.5

@@ -8,14 +8,14 @@ import json
 import os
 import signal
 import stat
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from forked import fork_command
 
-from conftest import TINY, cli, cli_command, multirun, write_mnist
+from conftest import TINY, cli, multirun, write_mnist
 
 JOB = [*TINY, "data.batch_size=16", "trainer.max_epochs=2", "trainer.deterministic=true", "logger=csv"]
 GRID = "head.m=0.1,0.2,0.3,0.4"
@@ -42,11 +42,7 @@ def test_a_killed_sweep_rerun_with_resume_auto_ends_as_an_uninterrupted_one(tmp_
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert multirun(full, data, *JOB, GRID).returncode == 0
 
-    process = subprocess.Popen(
-        **cli_command("train", "-m", f"hydra.sweep.dir={killed}", f"paths.data_dir={data}", *JOB, GRID),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = fork_command("train", ["-m", f"hydra.sweep.dir={killed}", f"paths.data_dir={data}", *JOB, GRID], tmp_path)
     last, deadline = killed / "2" / "checkpoints" / "last.ckpt", time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
         try:  # the third job's first epoch is on disk: kill the sweep inside its second epoch
@@ -55,7 +51,7 @@ def test_a_killed_sweep_rerun_with_resume_auto_ends_as_an_uninterrupted_one(tmp_
         except Exception:
             pass
         time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)
     process.wait()
     assert [(killed / str(j) / "metrics.json").is_file() for j in range(4)] == [True, True, False, False]
     finished = {job: folder_state(killed / str(job)) for job in (0, 1)}
@@ -138,9 +134,8 @@ def test_slurm_requeue_signal_saves_a_checkpoint_the_requeued_job_continues_from
     slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
     run_dir = tmp_path / "run"
-    command = cli_command("train", f"hydra.run.dir={run_dir}", f"paths.data_dir={data}", *JOB, "resume=auto")
-    command["env"] = {**command["env"], **slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    process = subprocess.Popen(**command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [f"hydra.run.dir={run_dir}", f"paths.data_dir={data}", *JOB, "resume=auto"]
+    process = fork_command("train", args, tmp_path / "logs", env={**slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     metrics_csv, deadline = run_dir / "csv" / "metrics.csv", time.monotonic() + 120
     while not metrics_csv.exists() and time.monotonic() < deadline:  # wait until it trains
         time.sleep(0.05)
@@ -150,7 +145,7 @@ def test_slurm_requeue_signal_saves_a_checkpoint_the_requeued_job_continues_from
     while not (calls.exists() and hpc.exists()) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.1)  # the checkpoint is saved before the requeue call
-    os.kill(process.pid, signal.SIGKILL)  # SLURM ends the job it requeued
+    process.send_signal(signal.SIGKILL)  # SLURM ends the job it requeued
     process.wait()
     assert calls.read_text().split() == ["requeue", "4242"]
     saved = torch.load(hpc, weights_only=True)
@@ -158,7 +153,7 @@ def test_slurm_requeue_signal_saves_a_checkpoint_the_requeued_job_continues_from
 
     for key, value in slurm.items():  # the requeued job: the same command, in this process (no new interpreter)
         monkeypatch.setenv(key, value)
-    requeued = cli("train", *command["args"][3:])
+    requeued = cli("train", *args)
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert f"resume=auto: continuing from {hpc}" in (run_dir / "train.log").read_text()
     record = json.loads((run_dir / "metrics.json").read_text())

@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
-from ranks import free_port, join, leave
+from ranks import free_port, join, leave, start_ranks
 
 from arcface_lightning.models.recent_heads import AdaFaceHead, CurricularFaceHead, ElasticFaceHead, SubCenterArcFaceHead
 
@@ -452,4 +452,4 @@ def two_ranks(rank: int, port: int, expected: dict[str, torch.Tensor]) -> None:
 def test_ema_and_counts_over_two_ranks_equal_one_process_on_the_global_batch() -> None:
     expected = buffers_after_two_steps(Heads(), slice(None))
     assert expected["subcenter.counts"].sum() == 2 * sum(SIZES) and expected["ada.batch_mean"] != 20
-    torch.multiprocessing.spawn(two_ranks, args=(free_port(), expected), nprocs=len(SIZES))
+    start_ranks(two_ranks, (free_port(), expected), len(SIZES))

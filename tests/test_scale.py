@@ -5,15 +5,15 @@ from __future__ import annotations
 import io
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from forked import fork_command
 
 from arcface_lightning.train import train
-from conftest import TINY, cli, cli_command, cli_process, multirun, write_mnist
+from conftest import TINY, cli, cli_process, multirun, write_mnist
 
 
 def test_ddp_cpu_trains_two_ranks_into_one_run_dir(mnist_root: Path, tmp_path: Path) -> None:
@@ -85,9 +85,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert cli("train", *args, f"hydra.run.dir={full}").returncode == 0
 
-    process = subprocess.Popen(
-        **cli_command("train", *args, f"hydra.run.dir={killed}"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    process = fork_command("train", [*args, f"hydra.run.dir={killed}"], tmp_path / "logs")
     last, deadline = killed / "checkpoints" / "last.ckpt", time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         try:  # wait for the first epoch's checkpoint, complete on disk
@@ -97,8 +95,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
             pass
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and not (killed / "metrics.json").exists()
+    assert process.wait() == -signal.SIGKILL and not (killed / "metrics.json").exists()
     assert torch.load(last, weights_only=True)["epoch"] == 0  # killed during the second epoch
 
     result = cli("train", *args, f"hydra.run.dir={killed}", "ckpt_path=last")
@@ -115,28 +112,15 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
 def test_sigterm_and_sigint_save_a_checkpoint_before_exit(tmp_path: Path, signum: signal.Signals) -> None:
     root = write_mnist(tmp_path / "data", n_train=3000, n_test=200)
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        **cli_command(
-            "train",
-            f"paths.data_dir={root}",
-            *TINY,
-            "data.batch_size=8",
-            "trainer.max_epochs=50",
-            f"hydra.run.dir={run_dir}",
-            "logger=csv",
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        # as in a terminal: a shell's background jobs (CI's) start with SIGINT ignored, which Python keeps
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    args = [f"paths.data_dir={root}", *TINY, "data.batch_size=8", "trainer.max_epochs=50", f"hydra.run.dir={run_dir}"]
+    process = fork_command("train", [*args, "logger=csv"], tmp_path / "logs")  # SIGINT: Python's own handler
     metrics_csv, deadline = run_dir / "csv" / "metrics.csv", time.monotonic() + 120
     while not metrics_csv.exists() and time.monotonic() < deadline:  # wait until it trains
         time.sleep(0.05)
     time.sleep(0.5)
     process.send_signal(signum)
-    _, stderr = process.communicate(timeout=120)
+    process.wait(timeout=120)
+    stderr = process.output()[1]
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] > 0 and state["epoch"] < 49  # saved where it stopped, long before the end
     assert process.returncode != 0  # a pre-empted run does not pass for a finished one

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from ranks import free_port, join, leave
+from ranks import free_port, join, leave, start_ranks
 from test_images import digits, write_folder
 
 from arcface_lightning.core.runs import run
@@ -163,7 +163,7 @@ def test_ddp_ranks_stream_disjoint_shards_with_equal_step_counts(packed, tmp_pat
     epoch."""
     _, out = packed
     port = free_port()
-    torch.multiprocessing.spawn(stream_one_rank, args=(world, str(out), port, str(tmp_path)), nprocs=world)
+    start_ranks(stream_one_rank, (world, str(out), port, str(tmp_path)), world)
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(world)]
     dropped = []
     for epoch in range(2):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from forked import fork_command
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -194,9 +193,10 @@ def test_other_swept_keys_get_one_heatmap_per_value(tmp_path: Path) -> None:
     ]
 
 
-def test_two_sweeps_started_together_get_their_own_folders() -> None:
-    command = [sys.executable, "-m", "arcface_lightning.train", "--cfg", "all", "--resolve", "-p", "hydra.sweep.dir"]
-    processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    dirs = [p.communicate(timeout=120)[0].strip() for p in processes]
+def test_two_sweeps_started_together_get_their_own_folders(tmp_path: Path) -> None:
+    argv = ["--cfg", "all", "--resolve", "-p", "hydra.sweep.dir"]
+    processes = [fork_command("train", argv, tmp_path) for _ in range(2)]  # two processes in the same second
+    assert [p.wait() for p in processes] == [0, 0]
+    dirs = [p.output()[0].strip() for p in processes]
     assert all(d.startswith(str(ROOT / "logs" / "train" / "multiruns")) for d in dirs)
     assert dirs[0] != dirs[1]
