@@ -37,6 +37,31 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 register_configs()  # the trainer/lightning config node and the ${...} resolvers conf/ uses
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests (and the real-data ones) first, dealt out over the parallel workers. pytest-xdist's worksteal
+    hands each worker a contiguous share of this list (the first worker the first len/n items, ...) and lets an
+    idle one take over the end of another's queue: with the long tests at the start of every share they overlap,
+    and each worker ends on short ones instead of one long test running alone while the others wait."""
+
+    def slow(item: pytest.Item) -> bool:
+        return bool(item.get_closest_marker("slow") or item.get_closest_marker("real_data"))
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    modules: dict[Path, list[pytest.Item]] = {}
+    for item in filter(slow, items):  # a module's slow tests stay together: they may share a session fixture
+        modules.setdefault(item.path, []).append(item)
+    dealt: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for group in modules.values():
+        min(dealt, key=len).extend(group)
+    fast_items, left, ordered = [i for i in items if not slow(i)], len(items), []
+    for worker, mine in enumerate(dealt):
+        share = left // (workers - worker)  # what worksteal sends this worker first
+        ordered += mine + fast_items[: share - len(mine)]
+        fast_items, left = fast_items[share - len(mine) :], left - share
+    items[:] = ordered + fast_items
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist runs one worker per core: one thread each (and in the entry points they start), or the workers'
     # OpenMP thread pools fight over the cores and every test runs several times slower.

@@ -70,6 +70,7 @@ TINY_COMPARE = [
 ]
 
 
+@pytest.mark.slow
 def test_compare_searches_on_seed_zero_then_runs_the_chosen_setting_on_the_other_seeds(mnist_root, tmp_path) -> None:
     out = tmp_path / "compare"
     result = cli(

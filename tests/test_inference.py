@@ -176,6 +176,7 @@ def test_verify_says_in_one_line_what_is_wrong(checkpoint, tmp_path) -> None:
         assert json.loads((tmp_path / "log" / "metrics.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_embed_under_ddp_merges_the_ranks_shares_in_order_without_the_padding(checkpoint, tmp_path) -> None:
     """Two gloo processes; 25 images, so the distributed sampler pads one rank with a repeat: the file holds each
     image once, in input order, with the single-process embeddings."""

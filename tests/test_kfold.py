@@ -143,6 +143,7 @@ def test_folds_depend_on_the_split_seed_alone(folder: Path) -> None:
     assert fold_indices(str(folder), 3, split_seed=1) != first
 
 
+@pytest.mark.slow
 def test_the_same_folds_in_another_process(folder: Path) -> None:
     """Another interpreter, with a hash seed other than this one's (set and dict order), draws the folds this one
     draws."""
@@ -262,6 +263,7 @@ def test_the_preset_sweeps_data_fold_over_data_folds() -> None:
     assert cfg.hydra.sweeper.params["data.fold"] == "range(0,3)" and cfg.hydra.mode.name == "MULTIRUN"
 
 
+@pytest.mark.slow
 def test_a_three_fold_multirun_runs_one_job_per_fold(tmp_path: Path) -> None:
     from conftest import TINY, cli, write_mnist
 

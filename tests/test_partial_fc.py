@@ -299,6 +299,7 @@ SHARDED = ["head.sharded=true", "head.sample_rate=0.5", "data.batch_size=8", "op
 SHARDED += ["trainer.precision=32-true"]
 
 
+@pytest.mark.slow
 def test_sharded_training_saves_the_whole_matrix_and_resumes_on_one_and_three_ranks(mnist_root, tmp_path) -> None:
     """2 gloo ranks, sharded centres (10 classes: a global batch of 16 samples every row, so the sampled-row path
     is the unit tests' above): the checkpoint holds the full 10 × 16 matrix and its momentum; one process evaluates

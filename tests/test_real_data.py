@@ -36,6 +36,7 @@ def seed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             f"paths.data_dir={DATA_DIR}",
             "callbacks.progress_bar.refresh_rate=0",
             "logger=csv",
+            "evaluation.figures=false",  # no test here looks at them
         )
         with open_dict(cfg):
             cfg.paths.output_dir = str(folder)

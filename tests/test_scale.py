@@ -16,6 +16,7 @@ from arcface_lightning.train import train
 from conftest import TINY, cli, cli_process, multirun, write_mnist
 
 
+@pytest.mark.slow
 def test_ddp_cpu_trains_two_ranks_into_one_run_dir(mnist_root: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "ddp"
     result = cli_process(  # with the figures: their test embeddings are gathered from both ranks
@@ -64,6 +65,7 @@ def test_bf16_mixed_training_stays_finite(make_cfg) -> None:
     assert metrics["test/acc"] > 0.5
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_a_two_job_multirun(mnist_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     result = multirun(sweep, mnist_root, "hydra/launcher=submitit_local", "head.m=0.2,0.4", process=True)
@@ -72,6 +74,7 @@ def test_submitit_local_runs_a_two_job_multirun(mnist_root: Path, tmp_path: Path
     assert [r["status"] for r in records] == ["ok", "ok"] and (sweep / "summary.csv").is_file()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     root = write_mnist(tmp_path / "data", n_train=3000, n_test=200)  # epochs long enough to kill inside one
     args = [
@@ -108,6 +111,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     assert resumed == expected  # every metric, bit for bit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT (Ctrl-C)"])
 def test_sigterm_and_sigint_save_a_checkpoint_before_exit(tmp_path: Path, signum: signal.Signals) -> None:
     root = write_mnist(tmp_path / "data", n_train=3000, n_test=200)

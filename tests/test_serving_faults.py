@@ -341,6 +341,7 @@ def test_a_failed_embed_leaves_no_share_and_no_partial_file(trained, tmp_path, m
     assert list(out.parent.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_export_stopped_by_a_signal_leaves_no_partial_file(signum: int, trained, tmp_path: Path) -> None:
     """A real `python -m arcface_lightning.export`, signalled once its partial file exists (written, being checked).

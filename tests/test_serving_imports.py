@@ -110,6 +110,7 @@ def test_search_of_embeddings_files_runs_without_lightning(served, tmp_path: Pat
     assert len(hits.read_text().splitlines()) == 1 + 10 * 3
 
 
+@pytest.mark.slow
 def test_verify_with_an_onnx_model_runs_without_lightning_and_a_ckpt_loads_it(served, tmp_path: Path) -> None:
     pair = [f"a={served['a']}", f"b={served['b']}"]
     report = probe(tmp_path, "verify-onnx", "verify", f"ckpt_path={served['onnx']}", *pair)
@@ -122,6 +123,7 @@ def test_verify_with_an_onnx_model_runs_without_lightning_and_a_ckpt_loads_it(se
     assert abs(float(onnx[1]) - float(ckpt[1])) <= 2e-4 and onnx[2:] == ckpt[2:], (onnx, ckpt)
 
 
+@pytest.mark.slow
 def test_embed_with_an_onnx_model_runs_without_lightning_and_gives_the_ckpts_embeddings(served, tmp_path) -> None:
     """embed ckpt_path=<.onnx> input=<PNG folder>: no Lightning, and the embeddings, labels, sources and classes of
     embed with the .ckpt the export was made from (which does load Lightning)."""

@@ -82,6 +82,7 @@ def test_one_epoch_streams_every_training_image_once_in_a_new_order_each_epoch(p
     assert sorted(set(epochs[0][1])) == list(range(10))
 
 
+@pytest.mark.slow
 def test_streaming_trains_resumes_mid_epoch_exactly_and_evaluates(packed, tmp_path: Path) -> None:
     """Three epochs, a crash in the second: the rest of it, then a whole third epoch (resumable_loader)."""
     _, out = packed

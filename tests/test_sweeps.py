@@ -32,6 +32,7 @@ def tensorboard_hparams(log_dir: Path) -> dict:
     return {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in info.hparams.items()}
 
 
+@pytest.mark.slow
 def test_grid_multirun_writes_every_job_and_the_report(mnist_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     result = multirun(sweep, mnist_root, "head.s=8,16", "head.m=0.1,0.3")
@@ -59,6 +60,7 @@ def test_grid_multirun_writes_every_job_and_the_report(mnist_root: Path, tmp_pat
     assert "| job | head.s | head.m | seed |" in (sweep / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_joblib_runs_jobs_in_parallel_processes_and_a_bad_grid_point_fails_alone(mnist_root, tmp_path) -> None:
     sweep = tmp_path / "sweep"
     launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
@@ -72,6 +74,7 @@ def test_joblib_runs_jobs_in_parallel_processes_and_a_bad_grid_point_fails_alone
     assert rows["5"]["error"] == "head.m=5 is invalid; allowed: 0 ≤ m < π (ArcFaceHead)"
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_trials_and_returns_the_metric(mnist_root: Path, tmp_path: Path) -> None:
     """Two trials kept in a SQLite study, then the study resumed for one more (the README's storage command)."""
     sweep, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'optuna.db'}"
