@@ -116,6 +116,7 @@ def data_root(data: str, tmp_path: Path) -> Path:
     return Path(DATA_DIR) if data == "mnist" else write_mnist(tmp_path / "data")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", DATA)
 def test_quickstart(data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The notebook's tiny settings (a 4-8 channel CNN, one epoch): on real MNIST, the suite's time budget; the
@@ -139,6 +140,7 @@ def test_quickstart(data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert (NOTEBOOKS / "01_quickstart.ipynb").read_bytes() == committed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", DATA)
 def test_embeddings_trains_its_own_open_set_model(data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
@@ -159,6 +161,7 @@ def test_embeddings_trains_its_own_open_set_model(data: str, tmp_path: Path, mon
         assert seen > 0.99 and 0.5 < unseen < seen  # better than chance on digits never seen, worse than on seen ones
 
 
+@pytest.mark.slow
 def test_embeddings_of_a_given_checkpoint(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ARCFACE_CKPT: no training; a 16-D, 10-class model has no sphere figure and no open set."""
     data, record = trained
@@ -199,6 +202,7 @@ def check_inference(notebook: nbformat.NotebookNode, ckpt: Path, data: Path, gal
     return shown
 
 
+@pytest.mark.slow
 def test_inference_trains_exports_searches_and_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data, out = write_mnist(tmp_path / "data"), tmp_path / "out"
     notebook = execute(
