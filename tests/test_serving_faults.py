@@ -352,7 +352,12 @@ def test_export_stopped_by_a_signal_leaves_no_partial_file(signum: int, trained,
     command = cli_command("export", f"ckpt_path={trained[1]['best_checkpoint']}", f"output={out}",
                           f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
     for _ in range(3):
-        process = subprocess.Popen(**command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            **command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # as in a terminal: a script's background jobs (pytest started with `&`) inherit SIGINT ignored, which
+            # Python and the command keep (runs.sigint_as_sigterm), and the SIGINT case would then test nothing
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
         deadline = time.monotonic() + 240
         while not partial.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
