@@ -26,7 +26,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from forked import run_forked
+from forked import console_script, run_forked
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from torchvision import datasets
@@ -271,13 +271,7 @@ def invoke(command: str, argv: list[str]) -> Outcome:
     try:
         os.chdir(ROOT)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            module.main(argv) if command in ("pack", "report") else module.cli()
-    except SystemExit as stop:
-        if isinstance(stop.code, str):
-            err.write(stop.code + "\n")
-            code = 1
-        else:
-            code = stop.code or 0
+            code = console_script(command, argv)
     except Exception as error:
         escaped, code = error, 1
         err.write(traceback.format_exc())  # what Python would print for a user

@@ -22,6 +22,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def console_script(command: str, argv: list[str]) -> int:
+    """Run `arcface_lightning.<command>` as its console script does (`cli()`, which reads sys.argv, or `main(argv)`
+    for pack and report) and return the exit code Python would give: a SystemExit's message goes to stderr, exit 1.
+    Any other exception propagates (the caller reports it)."""
+    module = importlib.import_module(f"arcface_lightning.{command}")
+    try:
+        module.main(argv) if command in ("pack", "report") else module.cli()
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            return 1
+        return stop.code or 0
+    return 0
+
+
 class Forked:
     """The parent's handle on a forked command: poll, wait, signal, and what it printed (subprocess.Popen's names)."""
 
@@ -88,12 +103,7 @@ def fork_command(command: str, argv: list[str], logs: Path, env: dict[str, str] 
         __main__.__spec__ = module.__spec__  # what `python -m` sets, and Lightning's DDP launcher reads
         sys.argv = [module.__file__, *argv]
         try:
-            module.main(argv) if command in ("pack", "report") else module.cli()
-            code = 0
-        except SystemExit as stop:
-            if isinstance(stop.code, str):
-                print(stop.code, file=sys.stderr)
-            code = 1 if isinstance(stop.code, str) else (stop.code or 0)
+            code = console_script(command, argv)
         except BaseException:  # what Python prints for an uncaught exception, then exit 1
             traceback.print_exc()
     finally:

@@ -43,7 +43,8 @@ def test_a_killed_sweep_rerun_with_resume_auto_ends_as_an_uninterrupted_one(tmp_
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert multirun(full, data, *JOB, GRID).returncode == 0
 
-    process = fork_command("train", ["-m", f"hydra.sweep.dir={killed}", f"paths.data_dir={data}", *JOB, GRID], tmp_path)
+    argv = ["-m", f"hydra.sweep.dir={killed}", f"paths.data_dir={data}", *JOB, GRID]
+    process = fork_command("train", argv, tmp_path / "logs")
     last, deadline = killed / "1" / "checkpoints" / "last.ckpt", time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
         try:  # the second job's first epoch is on disk: kill the sweep inside its second epoch

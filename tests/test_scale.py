@@ -117,7 +117,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_before_exit(tmp_path: Path, signum
     root = write_mnist(tmp_path / "data", n_train=3000, n_test=200)
     run_dir = tmp_path / "run"
     args = [f"paths.data_dir={root}", *TINY, "data.batch_size=8", "trainer.max_epochs=50", f"hydra.run.dir={run_dir}"]
-    process = fork_command("train", [*args, "logger=csv"], tmp_path / "logs")  # SIGINT: Python's own handler
+    process = fork_command("train", [*args, "logger=csv"], tmp_path / "logs")  # SIGINT as in a terminal (forked.py)
     metrics_csv, deadline = run_dir / "csv" / "metrics.csv", time.monotonic() + 120
     while not metrics_csv.exists() and time.monotonic() < deadline:  # wait until it trains
         time.sleep(0.05)

@@ -198,7 +198,7 @@ def test_other_swept_keys_get_one_heatmap_per_value(tmp_path: Path) -> None:
 
 def test_two_sweeps_started_together_get_their_own_folders(tmp_path: Path) -> None:
     argv = ["--cfg", "all", "--resolve", "-p", "hydra.sweep.dir"]
-    processes = [fork_command("train", argv, tmp_path) for _ in range(2)]  # two processes in the same second
+    processes = [fork_command("train", argv, tmp_path / "logs") for _ in range(2)]  # two processes in the same second
     assert [p.wait() for p in processes] == [0, 0]
     dirs = [p.output()[0].strip() for p in processes]
     assert all(d.startswith(str(ROOT / "logs" / "train" / "multiruns")) for d in dirs)

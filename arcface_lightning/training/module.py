@@ -200,7 +200,7 @@ class ArcFaceModule(L.LightningModule):
         """The margin warm-up's factor at this optimizer step (protocol.warmup_factor)."""
         if self._warmup_steps is None:
             batches = self.trainer.num_training_batches
-            if self.head.margin_warmup_epochs and math.isinf(batches):
+            if math.isinf(batches):
                 raise ConfigError(
                     f"head.margin_warmup_epochs={self.head.margin_warmup_epochs} needs a training loader with a "
                     "length (the warm-up counts its steps); allowed: 0 with this loader"

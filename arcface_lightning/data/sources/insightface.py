@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from arcface_lightning.core.checks import DataError
 from arcface_lightning.data.files import decode
 from arcface_lightning.data.recordio import RecordFile, RecordIndex, unpack
 from arcface_lightning.data.sources.base import UserFolder
@@ -33,20 +32,13 @@ class RecordImages(Dataset):
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def encoded(self, i: int) -> bytes:
-        """The i-th image's bytes as stored (JPEG or PNG)."""
-        return unpack(self.file.record(int(self.offsets[i])))[1]
-
     def name(self, i: int) -> str:
+        """The i-th record as an error names it (pack lists skipped records by it too)."""
         return f"{self.file.path} key {int(self.keys[i])}"
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        data = self.encoded(i)
-        try:
-            pixels = decode(data, self.in_channels, self.image_size, "")
-        except DataError:  # decoded again to name the record: its name is not built for every sample
-            pixels = decode(data, self.in_channels, self.image_size, self.name(i))
-        image = torch.from_numpy(pixels)
+        _, data = unpack(self.file.record(int(self.offsets[i])))
+        image = torch.from_numpy(decode(data, self.in_channels, self.image_size, self.name(i)))
         label = int(self.targets[i])
         return image, self.target_transform(label) if self.target_transform is not None else label
 
